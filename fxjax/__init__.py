@@ -1,0 +1,12 @@
+"""fxjax: transfer learning by feature extraction in JAX/Flax."""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy so that `import fxjax.weights` does not pull in every model family.
+    if name == "load_backbone":
+        from fxjax.hub import load_backbone
+
+        return load_backbone
+    raise AttributeError(f"module 'fxjax' has no attribute {name!r}")

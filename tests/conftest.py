@@ -1,0 +1,5 @@
+import os
+
+# Simulated devices must be requested before JAX initialises its backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
