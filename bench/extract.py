@@ -1,0 +1,171 @@
+"""Feature-extraction speed, fxjax vs transformers' PyTorch models on the same random weights; prints markdown.
+
+    python bench/extract.py [--models vit-b16 resnet50 efficientnet-b0 dinov2-s] [--batch 32] [--iters 5]
+
+Each model is built in PyTorch from a default-sized transformers config, saved with `save_pretrained` and loaded
+by `fxjax.load_backbone`, so both sides run the same weights. PyTorch runs under `torch.inference_mode()` with
+its default thread count; fxjax runs `Backbone.features` jitted, timed after a warm-up call whose extra time is
+reported as compile time. Times are medians over `--iters` batches (`block_until_ready` on the JAX side).
+
+The machine's fp32 matmul throughput (2048³, jitted jnp.matmul; numpy and torch for comparison) is measured in
+the same run; for each model, FLOPs utilisation = model FLOP/s ÷ jnp.matmul FLOP/s, with model FLOPs counted by
+XLA (`cost_analysis()["flops"]` of the lowered pooled-features function: 2 per multiply-add of every dot and
+convolution, plus elementwise work). For ViT-B/16 an analytic count (2·MACs of the patch embedding, QKV, output
+and MLP projections and the two attention matmuls) is printed beside it as a check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+import fxjax
+from fxjax.models.backbone import Backbone
+
+
+def _vit_b16():
+    return transformers.ViTModel(transformers.ViTConfig(), add_pooling_layer=False)
+
+
+def _dinov2_s():
+    config = transformers.Dinov2Config(hidden_size=384, num_attention_heads=6, image_size=224, patch_size=14)
+    return transformers.Dinov2Model(config)
+
+
+def _efficientnet_b0():
+    # EfficientNetConfig() defaults to B7 (width 2.0, depth 3.1, 600 px); these are google/efficientnet-b0's.
+    config = transformers.EfficientNetConfig(width_coefficient=1.0, depth_coefficient=1.0, image_size=224,
+                                             hidden_dim=1280, dropout_rate=0.2)
+    model = transformers.EfficientNetModel(config)
+    # Its init draws conv and BatchNorm scales from N(0, 0.02): activations decay through float32 denormals
+    # (slow on CPU) to exact zeros. Unit-gain weights keep them normal, as trained weights are.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.fill_(1.0)
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.normal_(0.0, module.weight[0].numel() ** -0.5)
+    return model
+
+
+# name → (torch model factory, the reference output fxjax's `pooled` equals: ViT pools the final-norm CLS token).
+MODELS: dict[str, tuple[Callable[[], torch.nn.Module], Callable]] = {
+    "vit-b16": (_vit_b16, lambda out: out.last_hidden_state[:, 0]),
+    "resnet50": (lambda: transformers.ResNetModel(transformers.ResNetConfig()), lambda out: out.pooler_output),
+    "efficientnet-b0": (_efficientnet_b0, lambda out: out.pooler_output),
+    "dinov2-s": (_dinov2_s, lambda out: out.pooler_output),
+    "convnext-t": (lambda: transformers.ConvNextModel(transformers.ConvNextConfig()), lambda out: out.pooler_output),
+}
+
+
+def vit_b16_flops(batch: int, size: int = 224, patch: int = 16, dim: int = 768, depth: int = 12) -> float:
+    """2·MACs of every matmul in ViT-B/16: patch embedding, then per block QKV (3d²), output (d²) and MLP (8d²)
+    projections per token and the two attention matmuls (2·tokens²·d)."""
+    patches = (size // patch) ** 2
+    tokens = patches + 1
+    macs = patches * 3 * patch * patch * dim + depth * (12 * tokens * dim * dim + 2 * tokens * tokens * dim)
+    return 2.0 * macs * batch
+
+
+def median_seconds(fn: Callable[[], object], iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_flops_per_second(n: int = 2048, iters: int = 10) -> dict[str, float]:
+    """fp32 n³ matmul throughput of jitted jnp.matmul, numpy and torch (2n³ FLOPs per product)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    matmul = jax.jit(jnp.matmul)
+    matmul(ja, jb).block_until_ready()
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    torch.matmul(ta, tb)
+    flops = 2.0 * n**3
+    return {
+        "jax": flops / median_seconds(lambda: matmul(ja, jb).block_until_ready(), iters),
+        "numpy": flops / median_seconds(lambda: a @ b, iters),
+        "torch": flops / median_seconds(lambda: torch.matmul(ta, tb), iters),
+    }
+
+
+def bench_model(name: str, batch: int, iters: int, workdir: Path) -> dict:
+    make, reference = MODELS[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    folder = workdir / name
+    model.save_pretrained(folder)
+    backbone = fxjax.load_backbone(str(folder))
+    size = backbone.preprocess.size
+    x = np.random.default_rng(0).standard_normal((batch, 3, *size)).astype(np.float32)  # NCHW
+    x_torch, x_jax = torch.from_numpy(x), jnp.asarray(x.transpose(0, 2, 3, 1))
+
+    with torch.inference_mode():
+        ref = reference(model(pixel_values=x_torch)).reshape(batch, -1).numpy()
+        torch_s = median_seconds(lambda: model(pixel_values=x_torch), iters)
+
+    start = time.perf_counter()
+    ours = np.asarray(backbone.features(x_jax).block_until_ready())
+    first_s = time.perf_counter() - start
+    fxjax_s = median_seconds(lambda: backbone.features(x_jax).block_until_ready(), iters)
+    xla_flops = Backbone._pooled.lower(backbone, backbone.state, x_jax).cost_analysis()["flops"]
+    params = sum(p.numel() for p in model.parameters())
+    return {"name": name, "params": params, "torch_s": torch_s, "fxjax_s": fxjax_s,
+            "compile_s": first_s - fxjax_s, "flops": xla_flops,
+            "rel_diff": float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["vit-b16", "resnet50", "efficientnet-b0", "dinov2-s"],
+                        choices=sorted(MODELS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--iters", type=int, default=5)
+    args = parser.parse_args()
+
+    matmul = matmul_flops_per_second()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            rows.append(bench_model(name, args.batch, args.iters, Path(tmp)))
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"CPU: {cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.devices()[0].platform}), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), batch {args.batch}, fp32, "
+          f"median of {args.iters}; load average {os.getloadavg()[0]:.1f} at the end\n")
+    print("fp32 matmul 2048³: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in matmul.items()) + "\n")
+    print("| model | params (M) | fxjax img/s | PyTorch img/s | fxjax / PyTorch | fxjax compile (s) "
+          "| GFLOPs / img (XLA) | fxjax FLOPs util. | PyTorch FLOPs util. | max diff / max abs |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        per_image = r["flops"] / args.batch
+        util = [r["flops"] / r[k] / matmul["jax"] for k in ("fxjax_s", "torch_s")]
+        print(f"| {r['name']} | {r['params'] / 1e6:.1f} | {args.batch / r['fxjax_s']:.1f} | "
+              f"{args.batch / r['torch_s']:.1f} | {r['torch_s'] / r['fxjax_s']:.2f} | {r['compile_s']:.1f} | "
+              f"{per_image / 1e9:.2f} | {util[0]:.0%} | {util[1]:.0%} | {r['rel_diff']:.1e} |")
+    vit = next((r for r in rows if r["name"] == "vit-b16"), None)
+    if vit is not None:
+        analytic = vit_b16_flops(args.batch)
+        print(f"\nViT-B/16 FLOPs per image: analytic (2·MACs of all matmuls) {analytic / args.batch / 1e9:.2f} G, "
+              f"XLA cost_analysis {vit['flops'] / args.batch / 1e9:.2f} G (ratio {vit['flops'] / analytic:.3f})")
+
+
+if __name__ == "__main__":
+    main()

