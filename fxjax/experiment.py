@@ -126,9 +126,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         "backbone": backbone.info["name"], "dataset": data.name,
     }
     if jax.process_index() == 0:
-        np.save(workdir / "test_predictions.npy", test["predictions"])
+        test_labels = np.asarray([data.splits["test"].label(i) for i in range(len(data.splits["test"]))], np.int32)
+        _save_npy(workdir / "test_predictions.npy", test["predictions"])
+        _save_npy(workdir / "test_labels.npy", test_labels)
         rundir.write_json(workdir / "summary.json", summary)
     return summary
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    tmp.replace(path)
 
 
 class _Renamed:

@@ -287,7 +287,7 @@ class VisionTransformer(nnx.Module):
         for i, block in enumerate(self.blocks):
             h = boundary(block(h), i + 1)
             hidden.append(h)
-        out = {k: boundary(v, len(self.blocks) + 1) for k, v in self.finish(h).items()}
+        out = {key: boundary(v, len(self.blocks) + 1) for key, v in self.finish(h).items()}
         k = self.spec.prefix_tokens
         cls = [y[:, 0] if k else jnp.mean(y, axis=1) for y in hidden[1:]]
         out["patch_tokens"] = out.pop("normed")[:, k:]
