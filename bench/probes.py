@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from threadpoolctl import threadpool_limits
 
 from fxjax import probes
 
@@ -38,6 +39,82 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
+# name, seconds, speed-up over sklearn, chosen hyper-parameter, val accuracy, test accuracy
+Row = tuple[str, float, float | None, float | None, float | None, float | None]
+Splits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
+
+
+def _sklearn_sweep(
+    make: Callable[[float], Any], grid: list[float], splits: Splits
+) -> tuple[float, float, float]:
+    """Fit one sklearn model per grid value, choose on val like the probes do: (chosen, val acc, test acc)."""
+    tx, ty, vx, vy, sx, sy, _ = splits
+    fits = [make(v).fit(tx, ty) for v in grid]
+    val = [f.score(vx, vy) for f in fits]
+    i = int(np.argmax(val))
+    return grid[i], val[i], fits[i].score(sx, sy)
+
+
+def bench_logistic(args: argparse.Namespace, splits: Splits) -> tuple[list[Row], list[dict[str, float]]]:
+    tx, ty, *_, c = splits
+    _, compile_s = timed(lambda: probes.logistic_fit(tx, ty, c, C=1.0, max_iter=1))
+    ours, ours_s = timed(
+        lambda: probes.logistic_probe(*splits, Cs=args.cs, max_iter=args.max_iter, tol=args.tol)
+    )
+    theirs, sk_s = timed(
+        lambda: _sklearn_sweep(
+            lambda C: LogisticRegression(C=C, solver="lbfgs", max_iter=args.max_iter, tol=args.tol),
+            args.cs,
+            splits,
+        )
+    )
+    iters = sum(r["iterations"] for r in ours.table)
+    return [
+        (
+            f"logistic, {len(args.cs)} Cs: fxjax L-BFGS (warm-started, {iters} iters)",
+            ours_s,
+            sk_s / ours_s,
+            ours.best,
+            ours.val_accuracy,
+            ours.test_accuracy,
+        ),
+        (f"logistic, {len(args.cs)} Cs: sklearn lbfgs", sk_s, None, *theirs),
+        ("logistic: fxjax jit compile (first call, 1 iteration)", compile_s, None, None, None, None),
+    ], ours.table
+
+
+def bench_ridge(args: argparse.Namespace, splits: Splits) -> list[Row]:
+    probes.ridge_probe(*splits, lambdas=args.lambdas)  # warm-up (numpy, nothing to compile)
+    ours, ours_s = timed(lambda: probes.ridge_probe(*splits, lambdas=args.lambdas))
+    theirs, sk_s = timed(lambda: _sklearn_sweep(lambda lam: RidgeClassifier(alpha=lam), args.lambdas, splits))
+    return [
+        (
+            f"ridge, {len(args.lambdas)} lambdas: fxjax one eigh",
+            ours_s,
+            sk_s / ours_s,
+            ours.best,
+            ours.val_accuracy,
+            ours.test_accuracy,
+        ),
+        (f"ridge, {len(args.lambdas)} lambdas: sklearn RidgeClassifier", sk_s, None, *theirs),
+    ]
+
+
+def bench_knn(splits: Splits) -> list[Row]:
+    probes.knn_probe(*splits)  # warm-up: compile
+    ours, ours_s = timed(lambda: probes.knn_probe(*splits))
+    return [
+        (
+            "kNN, k in (10, 20), val + test queries",
+            ours_s,
+            None,
+            ours.best,
+            ours.val_accuracy,
+            ours.test_accuracy,
+        )
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-train", type=int, default=10000)
@@ -48,94 +125,49 @@ def main() -> None:
     parser.add_argument("--lambdas", type=float, nargs="+", default=list(np.logspace(-3, 6, 10)))
     parser.add_argument("--max-iter", type=int, default=1000)
     parser.add_argument("--tol", type=float, default=1e-6)
+    parser.add_argument(
+        "--probes", nargs="+", choices=("logistic", "ridge", "knn"), default=["logistic", "ridge", "knn"]
+    )
+    parser.add_argument(
+        "--blas-threads", type=int, default=None, help="cap numpy/scipy BLAS threads (both libraries)"
+    )
     args = parser.parse_args()
 
     n, m, c = args.n_train, args.n_eval, args.classes
     x, y = make_features(n + 2 * m, args.dim, c)
-    mean, std = x[:n].mean(0), x[:n].std(0)
-    x = (x - mean) / std  # standardised once, for both libraries
-    (tx, ty), (vx, vy), (sx, sy) = (x[:n], y[:n]), (x[n : n + m], y[n : n + m]), (x[n + m :], y[n + m :])
-    splits = (tx, ty, vx, vy, sx, sy, c)
-    rows = []
-
-    _, compile_s = timed(lambda: probes.logistic_fit(tx, ty, c, C=1.0, max_iter=1))
-    ours, ours_s = timed(
-        lambda: probes.logistic_probe(*splits, Cs=args.cs, max_iter=args.max_iter, tol=args.tol)
-    )
-
-    def sklearn_sweep() -> tuple[float, float, float]:
-        fits = [
-            LogisticRegression(C=C, solver="lbfgs", max_iter=args.max_iter, tol=args.tol).fit(tx, ty)
-            for C in args.cs
-        ]
-        val = [f.score(vx, vy) for f in fits]
-        i = int(np.argmax(val))
-        return args.cs[i], val[i], fits[i].score(sx, sy)
-
-    (sk_c, sk_val, sk_test), sk_s = timed(sklearn_sweep)
-    iters = sum(r["iterations"] for r in ours.table)
-    rows.append(
-        (
-            f"logistic, {len(args.cs)} Cs: fxjax L-BFGS (warm-started, {iters} iters)",
-            ours_s,
-            ours.best,
-            ours.val_accuracy,
-            ours.test_accuracy,
-        )
-    )
-    rows.append((f"logistic, {len(args.cs)} Cs: sklearn lbfgs", sk_s, sk_c, sk_val, sk_test))
-    rows.append(("logistic: fxjax jit compile (first call)", compile_s, None, None, None))
-
-    probes.ridge_probe(*splits, lambdas=args.lambdas)  # warm-up (numpy, nothing to compile)
-    ridge, ridge_s = timed(lambda: probes.ridge_probe(*splits, lambdas=args.lambdas))
-
-    def sklearn_ridge() -> tuple[float, float, float]:
-        fits = [RidgeClassifier(alpha=lam).fit(tx, ty) for lam in args.lambdas]
-        val = [f.score(vx, vy) for f in fits]
-        i = int(np.argmax(val))
-        return args.lambdas[i], val[i], fits[i].score(sx, sy)
-
-    (skr_lam, skr_val, skr_test), skr_s = timed(sklearn_ridge)
-    rows.append(
-        (
-            f"ridge, {len(args.lambdas)} lambdas: fxjax one eigh",
-            ridge_s,
-            ridge.best,
-            ridge.val_accuracy,
-            ridge.test_accuracy,
-        )
-    )
-    rows.append(
-        (f"ridge, {len(args.lambdas)} lambdas: sklearn RidgeClassifier", skr_s, skr_lam, skr_val, skr_test)
-    )
-
-    probes.knn_probe(*splits)  # warm-up: compile
-    knn, knn_s = timed(lambda: probes.knn_probe(*splits))
-    rows.append(
-        ("kNN, k in (10, 20), val + test queries", knn_s, knn.best, knn.val_accuracy, knn.test_accuracy)
-    )
+    x = (x - x[:n].mean(0)) / x[:n].std(0)  # standardised once, for both libraries
+    splits = (x[:n], y[:n], x[n : n + m], y[n : n + m], x[n + m :], y[n + m :], c)
+    rows, sweep = [], []
+    with threadpool_limits(args.blas_threads):
+        if "logistic" in args.probes:
+            logistic_rows, sweep = bench_logistic(args, splits)
+            rows += logistic_rows
+        if "ridge" in args.probes:
+            rows += bench_ridge(args, splits)
+        if "knn" in args.probes:
+            rows += bench_knn(splits)
 
     print(
         f"n_train={n}, n_val=n_test={m}, dim={args.dim}, classes={c}, max_iter={args.max_iter}, "
-        f"tol={args.tol}, device={jax.devices()[0].device_kind}\n"
+        f"tol={args.tol}, blas_threads={args.blas_threads}, device={jax.devices()[0].device_kind}\n"
     )
-    print("| probe | seconds | chosen | val acc | test acc |")
-    print("|---|---:|---:|---:|---:|")
-    for name, sec, best, val, test in rows:
-        cells = [
-            f"{best:g}" if best is not None else "",
-            f"{val:.4f}" if val is not None else "",
-            f"{test:.4f}" if test is not None else "",
-        ]
-        print(f"| {name} | {sec:.2f} | " + " | ".join(cells) + " |")
-    print(f"\nlogistic speed-up vs sklearn: {sk_s / ours_s:.1f}x; ridge speed-up: {skr_s / ridge_s:.1f}x")
-    print("\nfxjax logistic sweep:\n\n| C | val acc | test acc | iterations | objective |")
-    print("|---:|---:|---:|---:|---:|")
-    for r in ours.table:
+    print("| probe | seconds | speed-up vs sklearn | chosen | val acc | test acc |")
+    print("|---|---:|---:|---:|---:|---:|")
+    formats = (".2f", ".1f", "g", ".4f", ".4f")
+    for name, *values in rows:
         print(
-            f"| {r['C']:g} | {r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {r['iterations']} | "
-            f"{r['objective']:.6g} |"
+            f"| {name} | "
+            + " | ".join("" if v is None else f"{v:{f}}" for v, f in zip(values, formats))
+            + " |"
         )
+    if sweep:
+        print("\nfxjax logistic sweep:\n\n| C | val acc | test acc | iterations | objective |")
+        print("|---:|---:|---:|---:|---:|")
+        for r in sweep:
+            print(
+                f"| {r['C']:g} | {r['val_accuracy']:.4f} | {r['test_accuracy']:.4f} | {r['iterations']} | "
+                f"{r['objective']:.6g} |"
+            )
 
 
 if __name__ == "__main__":

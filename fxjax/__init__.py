@@ -9,4 +9,8 @@ def __getattr__(name: str):
         from fxjax.hub import load_backbone
 
         return load_backbone
+    if name == "load_classifier":
+        from fxjax.export import load_classifier
+
+        return load_classifier
     raise AttributeError(f"module 'fxjax' has no attribute {name!r}")

@@ -4,6 +4,8 @@ an abstract target (shapes + shardings), so a run resumes on whatever devices it
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 
 import jax
@@ -11,6 +13,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 METRIC = "val_accuracy"
+log = logging.getLogger("fxjax")
 
 
 class Checkpoints:
@@ -24,12 +27,14 @@ class Checkpoints:
             ]),
             enable_async_checkpointing=True,
         )
+        self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(), options=options, item_names=("params", "opt_state", "data")
+            self.directory, options=options, item_names=("params", "opt_state", "data")
         )
 
-    def save(self, step: int, params, opt_state, data: dict, metrics: dict) -> None:
-        """Asynchronous: returns once the arrays are copied off the devices; `wait` before exiting."""
+    def save(self, step: int, params, opt_state, data: dict, metrics: dict | None) -> None:
+        """Asynchronous: returns once the arrays are copied off the devices; `wait` before exiting.
+        A checkpoint without metrics (a preemption save) never competes for best."""
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -51,6 +56,26 @@ class Checkpoints:
             ),
         )
         return restored.params, restored.opt_state, restored.data
+
+    def restore_newest_good(self, abstract_params, abstract_opt_state, *, steps=None):
+        """Restores the newest readable checkpoint (or the newest of `steps`). A damaged one (truncated, partly
+        written) is reported, moved aside as `damaged-<step>` so it is never tried again, and skipped."""
+        for step in sorted(self.manager.all_steps() if steps is None else steps, reverse=True):
+            try:
+                return step, self.restore(step, abstract_params, abstract_opt_state)
+            except Exception as err:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
+                self.quarantine(step, err)
+        return None, None
+
+    def quarantine(self, step: int, err: Exception) -> None:
+        source = self.directory / str(step)
+        target = self.directory / f"damaged-{step}"
+        log.warning("checkpoint at step %d is damaged (%s: %s); moved to %s, trying an older one",
+                    step, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "", target)
+        if jax.process_index() == 0 and source.exists():
+            shutil.rmtree(target, ignore_errors=True)
+            source.rename(target)
+        self.manager.reload()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

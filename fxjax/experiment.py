@@ -1,20 +1,24 @@
 """One experiment, end to end: the only module that knows every stage.
 
 config → backbone + data → (features once, or the backbone online) → head training with Orbax checkpoints
-→ the best checkpoint evaluated on test → summary.json.
+→ the best checkpoint evaluated on test → summary.json. A rerun on the same workdir resumes.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
-import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
+import optax
 from tqdm import tqdm
 
 from fxjax import config as config_lib, features, parallel, rundir
@@ -25,16 +29,34 @@ from fxjax.freeze import frozen_prefixes
 from fxjax.heads import make_head
 from fxjax.hub import load_backbone
 from fxjax.metrics import MetricsWriter
-from fxjax.train import (Classifier, FeatureBatches, Trainer, TrainState, feature_eval_batches, loader_state,
-                         restore_loader_state)
+from fxjax.train import (Classifier, FeatureBatches, NonFiniteLossError, Trainer, TrainState, feature_eval_batches,
+                         loader_state, restore_loader_state)
 
 log = logging.getLogger("fxjax")
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; a checkpoint at the current step was saved. Rerunning the command resumes."""
+
+    def __init__(self, step: int, workdir: Path):
+        super().__init__(f"preempted at step {step}: checkpoint saved in {workdir / 'checkpoints'}; "
+                         "rerun the same command to resume")
+        self.step = step
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     """Runs (or resumes) the experiment in `workdir` and returns its summary."""
     config = config_lib.resolve(config)
     workdir = rundir.prepare(workdir)
+    lock = rundir.acquire_lock(workdir) if jax.process_index() == 0 else None
+    try:
+        return _run(config, workdir)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _run(config, workdir: Path) -> dict:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
     parallel.check_batch_size(config.batch_size, mesh)
     parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
@@ -42,11 +64,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
     backbone = load_backbone(config.backbone, revision=config.revision, dtype=config.dtype,
                              param_dtype=config.param_dtype)
+    if config.image_size is not None:
+        backbone.preprocess = backbone.preprocess.at_size(config.image_size)
     data = load_dataset(config.data.source, data_dir=config.data.data_dir, val_fraction=config.data.val_fraction,
                         test_fraction=config.data.test_fraction, seed=config.data.split_seed,
                         few_shot_k=config.data.few_shot_k)
-    if config.image_size is not None:
-        backbone.preprocess = backbone.preprocess.at_size(config.image_size)
+    _check_resumable(workdir, backbone, data)
     if jax.process_index() == 0:
         rundir.write_json(workdir / "config.json", config.to_dict())
         rundir.write_json(workdir / "environment.json", rundir.environment(
@@ -73,8 +96,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             for split, source in data.splits.items()
         }
         extract_seconds = time.perf_counter() - start
-        labels = {split: np.asarray([source.label(i) for i in range(len(source))], np.int32)
-                  for split, source in data.splits.items()}
+        labels = {split: _labels(source) for split, source in data.splits.items()}
         model, frozen = head, ()
         train_iter = FeatureBatches(feats["train"], labels["train"], batch_size=config.batch_size,
                                     seed=config.seed, **shard)
@@ -99,20 +121,34 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                       total_steps=total_steps, mesh=mesh, seed=config.seed)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep)
     state = trainer.init_state()
-    resumed = checkpoints.latest_step()
-    if resumed is not None:
-        state = _restore(checkpoints, resumed, state, trainer, train_iter)
+    targets = _abstract_targets(state, trainer)
+    resumed, restored = checkpoints.restore_newest_good(*targets)
+    if restored is not None:
+        params, opt_state, position = restored
+        restore_loader_state(train_iter, position["loader"])
+        state = TrainState(resumed, params, opt_state)
         log.info("resumed from step %d", resumed)
     writer = MetricsWriter(workdir, resume_step=state.step)
     try:
         train_seconds, examples = _loop(config, trainer, state, train_iter, eval_iter, checkpoints, writer,
-                                        steps_per_epoch, total_steps)
+                                        steps_per_epoch, total_steps, workdir)
         checkpoints.wait()
-        best = checkpoints.best_step()
-        best_state = _restore(checkpoints, best, state, trainer, None)
-        val = trainer.evaluate(best_state.params, eval_iter("val"))
-        test = trainer.evaluate(best_state.params, eval_iter("test"))
+        best, restored = checkpoints.restore_newest_good(*targets, steps=_best_first(checkpoints))
+        params = restored[0]
+        val = trainer.evaluate(params, eval_iter("val"))
+        test = trainer.evaluate(params, eval_iter("test"))
         writer.write(best, "test", {k: test[k] for k in ("accuracy", "loss")})
+    except NonFiniteLossError as err:
+        checkpoints.wait()
+        good = checkpoints.latest_step()
+        where = f"step {good} in {checkpoints.directory}" if good is not None else "none yet"
+        raise NonFiniteLossError(f"{err}; nothing from it was saved; last good checkpoint: {where}. Lower the "
+                                 "learning rate or check the data, then rerun the same command to resume") from None
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"disk full while writing in {workdir} ({err}); free space, then rerun the "
+                                        f"same command to resume from step {checkpoints.latest_step()}") from None
+        raise
     finally:
         writer.close()
         checkpoints.close()
@@ -126,11 +162,41 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         "backbone": backbone.info["name"], "dataset": data.name,
     }
     if jax.process_index() == 0:
-        test_labels = np.asarray([data.splits["test"].label(i) for i in range(len(data.splits["test"]))], np.int32)
         _save_npy(workdir / "test_predictions.npy", test["predictions"])
-        _save_npy(workdir / "test_labels.npy", test_labels)
+        _save_npy(workdir / "test_labels.npy", _labels(data.splits["test"]))
         rundir.write_json(workdir / "summary.json", summary)
     return summary
+
+
+def _labels(source) -> np.ndarray:
+    return np.asarray([source.label(i) for i in range(len(source))], np.int32)
+
+
+def _check_resumable(workdir: Path, backbone, data) -> None:
+    """A workdir with checkpoints must be resumed with the same classes and backbone weights."""
+    previous = workdir / "environment.json"
+    if not previous.exists() or not (workdir / "checkpoints").exists():
+        return
+    env = json.loads(previous.read_text())
+    if env.get("class_names") != data.class_names:
+        raise ValueError(
+            f"workdir {str(workdir)!r} holds a run with {len(env.get('class_names') or [])} classes; this config "
+            f"has {data.num_classes} ({data.name}): use a new --workdir")
+    if env.get("backbone", {}).get("weight_sha256") != backbone.info["weight_sha256"]:
+        raise ValueError(f"workdir {str(workdir)!r} holds a run of other backbone weights "
+                         f"({env['backbone'].get('name')}): use a new --workdir")
+
+
+def _abstract_targets(state: TrainState, trainer: Trainer):
+    shardings = lambda tree: jax.tree.map(lambda _: trainer.repl, tree)
+    return abstract(state.params, shardings(state.params)), abstract(state.opt_state, shardings(state.opt_state))
+
+
+def _best_first(checkpoints: Checkpoints) -> list[int]:
+    """Steps to try for the final evaluation: the best by validation accuracy first, then the newest."""
+    best = checkpoints.best_step()
+    rest = [s for s in checkpoints.manager.all_steps() if s != best]
+    return rest + ([best] if best is not None else [])  # restore_newest_good tries from the end
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -157,23 +223,40 @@ class _Renamed:
         self.iterator.set_state(state)
 
 
-def _restore(checkpoints: Checkpoints, step: int, state: TrainState, trainer: Trainer, train_iter) -> TrainState:
-    shardings = lambda tree: jax.tree.map(lambda _: trainer.repl, tree)
-    params, opt_state, data = checkpoints.restore(step, abstract(state.params, shardings(state.params)),
-                                                  abstract(state.opt_state, shardings(state.opt_state)))
-    if train_iter is not None:
-        restore_loader_state(train_iter, data["loader"])
-    return TrainState(step, params, opt_state)
+class _TermFlag:
+    """Turns SIGTERM into a flag the loop checks after each step (only the main thread may set handlers)."""
+
+    def __init__(self):
+        self.raised = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def _save(checkpoints: Checkpoints, state: TrainState, train_iter, metrics: dict | None) -> None:
+    if not np.isfinite(float(optax.global_norm(state.params))):
+        raise NonFiniteLossError(f"parameters became non-finite at step {state.step}")
+    checkpoints.save(state.step, state.params, state.opt_state, {"loader": loader_state(train_iter)}, metrics)
 
 
 def _loop(config, trainer: Trainer, state: TrainState, train_iter, eval_iter, checkpoints: Checkpoints,
-          writer: MetricsWriter, steps_per_epoch: int, total_steps: int) -> tuple[float, int]:
+          writer: MetricsWriter, steps_per_epoch: int, total_steps: int, workdir: Path) -> tuple[float, int]:
     """Trains from `state.step` to `total_steps`; evaluates on val and checkpoints every few epochs."""
     eval_every = steps_per_epoch * config.eval_every_epochs
     save_every = steps_per_epoch * config.checkpoint.every_epochs
     seconds, examples = 0.0, 0
-    with tqdm(total=total_steps, initial=state.step, desc="train", unit="step", file=sys.stderr,
-              disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
+    with _TermFlag() as term, tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
+                                   file=sys.stderr, disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
         while state.step < total_steps:
             start = time.perf_counter()
             state, metrics = trainer.train_step(state, next(train_iter))
@@ -187,8 +270,10 @@ def _loop(config, trainer: Trainer, state: TrainState, train_iter, eval_iter, ch
             if state.step % eval_every == 0 or state.step % save_every == 0 or last:
                 val = trainer.evaluate(state.params, eval_iter("val"))
                 writer.write(state.step, "val", {"accuracy": val["accuracy"], "loss": val["loss"]})
-                checkpoints.save(state.step, state.params, state.opt_state, {"loader": loader_state(train_iter)},
-                                 {"val_accuracy": val["accuracy"]})
-    if not math.isfinite(seconds):
-        seconds = 0.0
+                _save(checkpoints, state, train_iter, {"val_accuracy": val["accuracy"]})
+            elif term.raised:
+                _save(checkpoints, state, train_iter, None)
+            if term.raised:
+                checkpoints.wait()
+                raise Preempted(state.step, workdir)
     return seconds, examples

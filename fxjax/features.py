@@ -14,12 +14,18 @@ from fxjax import parallel
 from fxjax.models.backbone import Backbone
 
 
-def extract(backbone: Backbone, batches: Iterable[dict], *, total: int, mesh, desc: str = "features") -> np.ndarray:
-    """Pooled features [total, d] in source order from padded, masked batches ({"image", "mask"})."""
+def extract(backbone: Backbone, batches: Iterable[dict], *, total: int, mesh, desc: str = "features",
+            param_sharding: parallel.ShardingFn | None = None) -> np.ndarray:
+    """Pooled features [total, d] in source order from padded, masked batches ({"image", "mask"}).
+
+    The backbone state is replicated unless `param_sharding` lays it out (e.g. `sharding.fsdp_shardings`).
+    The step is the backbone's own jitted `_pooled` on inputs already placed on their shardings, so that its
+    compilation is reused by every split instead of repeated per call.
+    """
     sharding = parallel.batch_sharding(mesh)
-    state = jax.device_put(backbone.state, parallel.replicated(mesh))
-    compiled = jax.jit(lambda s, x: backbone._pooled(s, x), in_shardings=(parallel.replicated(mesh), sharding),
-                       out_shardings=sharding)
+    layout = parallel.replicated(mesh) if param_sharding is None else param_sharding(backbone.state, mesh)
+    state = jax.device_put(backbone.state, layout)
+    compiled = backbone._pooled
     feats_parts, mask_parts = [], []
     start = time.perf_counter()
     with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=jax.process_index() != 0,

@@ -5,7 +5,8 @@ rule (parameter-path pattern → PartitionSpec) says otherwise."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -13,6 +14,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
+
+# (state, mesh) → a sharding per leaf of the state (e.g. `sharding.fsdp_shardings`); None means replicated.
+ShardingFn = Callable[[Any, Mesh], Any]
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -53,13 +57,22 @@ def param_shardings(state, mesh: Mesh, rules: Sequence[tuple[str, P]] = ()):
     """A sharding for every leaf of a parameter tree: the first rule whose pattern matches the leaf's dotted
     path gives its PartitionSpec; everything else is replicated."""
     def sharding_for(path, leaf):
-        name = ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        name = leaf_name(path)
         for pattern, spec in rules:
             if re.search(pattern, name) and len(spec) <= np.ndim(leaf):
                 return NamedSharding(mesh, spec)
         return NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map_with_path(sharding_for, state)
+
+
+def leaf_name(path) -> str:
+    """A pytree path as the dotted parameter path (`blocks.0.attn.query.kernel`); an nnx.Variable's own
+    `.value` step is left out so that patterns can anchor on the parameter's name."""
+    keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
+    if keys and isinstance(path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value":
+        keys.pop()
+    return ".".join(str(k) for k in keys)
 
 
 def gather(x: jax.Array) -> np.ndarray:

@@ -77,3 +77,30 @@ def environment(**extra) -> dict:
         "git_commit": git_commit(Path(__file__).parent),
         **extra,
     }
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another live run holds the workdir."""
+
+
+def acquire_lock(workdir: Path):
+    """One writer per workdir: an exclusive flock on `workdir/.lock`, released by the OS when the process
+    dies, so a workdir whose previous run was killed is simply resumed. Returns the open lock file."""
+    import fcntl
+    import socket
+
+    handle = open(workdir / ".lock", "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise WorkdirBusyError(
+            f"workdir {str(workdir)!r} is in use by a live run ({owner}); wait for it to finish or use another --workdir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle

@@ -43,7 +43,8 @@ class SweepResult:
     best: dict  # the selected row
     params: dict[str, dict[str, np.ndarray]]  # variant → {"kernel": [H, d, c], "bias": [H, c]}, table order
     total_steps: int
-    train_seconds: float
+    train_seconds: float  # the training loop alone, after compilation
+    compile_seconds: float  # the train step's compilation
 
     def head(self, row: dict) -> dict[str, np.ndarray]:
         """One head's parameters ({"kernel": [d, c], "bias": [c]}), e.g. `result.head(result.best)`."""
@@ -54,7 +55,8 @@ class SweepResult:
 
     def to_dict(self) -> dict:
         return {"table": self.table, "best": self.best, "num_heads": len(self.table),
-                "total_steps": self.total_steps, "train_seconds": self.train_seconds}
+                "total_steps": self.total_steps, "train_seconds": self.train_seconds,
+                "compile_seconds": self.compile_seconds}
 
 
 def select(table: Sequence[dict]) -> dict:
@@ -99,18 +101,24 @@ def train_sweep(features: Mapping[str, Splits], labels: tuple[np.ndarray, np.nda
                              for v, splits in features.items()}, steps.repl)  # zero init, as Head's output layer
     opt_state = steps.init(params, hyper)
     start = time.perf_counter()
+    xs_spec = {v: jax.ShapeDtypeStruct((batch_size, splits[0].shape[1]), splits[0].dtype, sharding=steps.batch)
+               for v, splits in features.items()}
+    y_spec = jax.ShapeDtypeStruct((batch_size,), train_y.dtype, sharding=steps.batch)
+    train_step = steps.train.lower(params, opt_state, hyper, xs_spec, y_spec).compile()
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     for _ in range(total_steps):
         batch = next(batches)
         xs = parallel.to_global({v: splits[0][batch["x"]] for v, splits in features.items()}, steps.batch)
         y = parallel.to_global({"label": batch["label"]}, steps.batch)["label"]
-        params, opt_state = steps.train(params, opt_state, hyper, xs, y)
+        params, opt_state = train_step(params, opt_state, hyper, xs, y)
     params = jax.block_until_ready(params)
     train_seconds = time.perf_counter() - start
 
     shard_eval = lambda split: steps.evaluate(params, {v: s[split] for v, s in features.items()}, labels[split],
                                               eval_batch_size, shard)
     val, test = shard_eval(1), shard_eval(2)
-    params = {v: {k: parallel.gather(x) for k, x in p.items()} for v, p in params.items()}
+    params = {v: {k: parallel.gather(x) for k, x in params[v].items()} for v in features}  # the caller's order
     table = []
     for v, p in params.items():
         finite = np.isfinite(p["kernel"]).all(axis=(1, 2)) & np.isfinite(p["bias"]).all(axis=1)  # [H]
@@ -118,7 +126,7 @@ def train_sweep(features: Mapping[str, Splits], labels: tuple[np.ndarray, np.nda
             table.append({"variant": v, "learning_rate": lr, "weight_decay": wd,
                           "val_accuracy": float(val[v]["accuracy"][i]), "val_loss": float(val[v]["loss"][i]),
                           "test_accuracy": float(test[v]["accuracy"][i]), "diverged": not bool(finite[i])})
-    return SweepResult(table, select(table), params, total_steps, train_seconds)
+    return SweepResult(table, select(table), params, total_steps, train_seconds, compile_seconds)
 
 
 def _logits(params, x):  # one head: x [b, d] → [b, c], as Head's linear output layer
@@ -185,7 +193,7 @@ class _Steps:
         if totals is None:  # an empty split
             return {v: {"accuracy": np.zeros(len(p["bias"])), "loss": np.full(len(p["bias"]), math.nan)}
                     for v, p in params.items()}
-        return {v: {"accuracy": np.asarray(s["correct"]) / count, "loss": np.asarray(s["loss"]) / count}
+        return {v: {k: np.asarray(s[key], np.float64) / count for k, key in (("accuracy", "correct"), ("loss", "loss"))}
                 for v, s in totals.items()}
 
 
@@ -196,7 +204,8 @@ def write(result: SweepResult, workdir: str | Path) -> None:
     best = result.best
     lines = [
         "# Linear-head sweep", "",
-        f"{len(result.table)} heads, {result.total_steps} steps, {result.train_seconds:.1f} s of training. "
+        f"{len(result.table)} heads, {result.total_steps} steps, {result.train_seconds:.2f} s of training "
+        f"(+{result.compile_seconds:.1f} s compiling). "
         f"Best on validation: `{best['variant']}`, learning rate {best['learning_rate']:g}, weight decay "
         f"{best['weight_decay']:g}: val accuracy {best['val_accuracy']:.4f}, test accuracy "
         f"{best['test_accuracy']:.4f}.", "",

@@ -51,7 +51,9 @@ class Trainer:
     """Compiled train / eval steps for `model` (called as `model(x, dropout_key=...)`) on `mesh`."""
 
     def __init__(self, model: nnx.Module, frozen: tuple[str, ...], *, num_classes: int, opt_config,
-                 total_steps: int, mesh, seed: int):
+                 total_steps: int, mesh, seed: int, frozen_sharding: parallel.ShardingFn | None = None):
+        """`frozen_sharding` lays out the frozen state (e.g. `sharding.fsdp_shardings`, so that each device
+        holds a slice of a large backbone); by default it is replicated, like the trainable state."""
         self.graphdef, params, frozen_state = split_trainable(model, frozen)
         self.num_classes = num_classes
         self.label_smoothing = opt_config.label_smoothing
@@ -61,11 +63,13 @@ class Trainer:
         self.repl, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
         self.batch_sharding = batch
         self.params_init = jax.device_put(params, self.repl)
-        self.frozen = jax.device_put(frozen_state, self.repl)
+        frozen_layout = self.repl if frozen_sharding is None else frozen_sharding(frozen_state, mesh)
+        self.frozen = jax.device_put(frozen_state, frozen_layout)
         self._init_opt = jax.jit(self.tx.init, out_shardings=self.repl)
-        self._train = jax.jit(self._train_step, in_shardings=(self.repl, self.repl, self.repl, batch, self.repl),
+        self._train = jax.jit(self._train_step,
+                              in_shardings=(self.repl, self.repl, frozen_layout, batch, self.repl),
                               out_shardings=(self.repl, self.repl, self.repl), donate_argnums=(0, 1))
-        self._eval = jax.jit(self._eval_step, in_shardings=(self.repl, self.repl, batch),
+        self._eval = jax.jit(self._eval_step, in_shardings=(self.repl, frozen_layout, batch),
                              out_shardings=(self.repl, batch))
 
     def init_state(self) -> TrainState:

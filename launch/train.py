@@ -2,7 +2,14 @@
 
     python -m launch.train --config configs/quickstart.py --workdir runs/quickstart [--config.a.b=value ...]
 
-Rerunning the same command on the same workdir resumes from its last checkpoint.
+Rerunning the same command on the same workdir resumes from its last checkpoint. Exit status: 0 done,
+1 training diverged (NaN/Inf loss), 2 bad input, 75 preempted by SIGTERM (checkpoint saved; rerun to resume).
+
+Multi-host: every process runs the same command. Under SLURM (`launch/slurm.sbatch`) or Open MPI nothing more is
+needed; on a Cloud TPU pod add `--distributed` (`launch/tpu_pod.sh`); elsewhere name the coordinator:
+
+    python -m launch.train ... --coordinator_address 10.0.0.1:1234 --num_processes 2 --process_id 0   # host 0
+    python -m launch.train ... --coordinator_address 10.0.0.1:1234 --num_processes 2 --process_id 1   # host 1
 """
 
 from __future__ import annotations
@@ -12,6 +19,9 @@ import importlib.util
 import logging
 import sys
 from pathlib import Path
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM with a checkpoint saved; rerun to resume
 
 
 def load_config_file(path: str):
@@ -31,6 +41,11 @@ def parse_args(argv: list[str]):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="Python file with get_config()")
     parser.add_argument("--workdir", required=True, help="run directory (created; resumed if it has checkpoints)")
+    parser.add_argument("--coordinator_address", help="host:port of process 0, for a multi-process run")
+    parser.add_argument("--num_processes", type=int, help="processes in a multi-process run")
+    parser.add_argument("--process_id", type=int, help="this process's index, 0 .. num_processes - 1")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-process run that JAX detects itself (Cloud TPU pods)")
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
@@ -43,19 +58,36 @@ def parse_args(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import jax
+
+    from fxjax import distributed
+
+    # Before anything asks JAX for its devices; a plain single process skips it.
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, cluster=args.distributed)
+    primary = jax.process_index() == 0  # only process 0 logs and reports; every process trains
+    logging.basicConfig(level=logging.INFO if primary else logging.WARNING, format="%(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from fxjax import config as config_lib, experiment
+    from fxjax.rundir import WorkdirBusyError
+    from fxjax.train import NonFiniteLossError
 
     try:
         config = load_config_file(args.config)
         for key, value in overrides:
             config_lib.override(config, key, value)
         summary = experiment.run(config, args.workdir)
-    except (ValueError, FileNotFoundError, PermissionError, AttributeError, OSError) as err:
+    except experiment.Preempted as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_PREEMPTED
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, AttributeError, WorkdirBusyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if not primary:
+        return 0
     print(f"test_accuracy={summary['test_accuracy']:.4f} val_accuracy={summary['val_accuracy']:.4f} "
           f"best_step={summary['best_step']} train_seconds={summary['train_seconds']:.1f} "
           f"images_per_second={summary['images_per_second']:.0f} workdir={args.workdir}")
