@@ -1,17 +1,18 @@
-"""Feature-extraction speed, fxjax vs transformers' PyTorch models on the same random weights; prints markdown.
+"""Feature-extraction speed of fxjax vs transformers' PyTorch models on the same weights; prints markdown.
 
     python bench/extract.py [--models vit-b16 resnet50 efficientnet-b0 dinov2-s] [--batch 32] [--iters 5]
 
-Each model is built in PyTorch from a default-sized transformers config, saved with `save_pretrained` and loaded
-by `fxjax.load_backbone`, so both sides run the same weights. PyTorch runs under `torch.inference_mode()` with
-its default thread count; fxjax runs `Backbone.features` jitted, timed after a warm-up call whose extra time is
-reported as compile time. Times are medians over `--iters` batches (`block_until_ready` on the JAX side).
+Each model is built in PyTorch from a default-sized transformers config, saved with `save_pretrained` and
+loaded by `fxjax.load_backbone`, so both sides run the same weights. PyTorch runs under
+`torch.inference_mode()` with its default thread count; fxjax runs the jitted `Backbone.features` after a
+warm-up call; its compile time (lower + compile, ahead of time) is reported on its own. Times are medians over
+`--iters` batches, the two frameworks alternating batch by batch (`block_until_ready` on the JAX side).
 
 The machine's fp32 matmul throughput (2048³, jitted jnp.matmul; numpy and torch for comparison) is measured in
-the same run; for each model, FLOPs utilisation = model FLOP/s ÷ jnp.matmul FLOP/s, with model FLOPs counted by
-XLA (`cost_analysis()["flops"]` of the lowered pooled-features function: 2 per multiply-add of every dot and
-convolution, plus elementwise work). For ViT-B/16 an analytic count (2·MACs of the patch embedding, QKV, output
-and MLP projections and the two attention matmuls) is printed beside it as a check.
+the same run; for each model, FLOPs utilisation = model FLOP/s ÷ jnp.matmul FLOP/s, with model FLOPs counted
+by XLA (`cost_analysis()["flops"]` of the lowered pooled-features function: 2 per multiply-add of every
+dot and convolution, plus elementwise work). For ViT-B/16 an analytic count (2·MACs of the patch embedding,
+QKV, output and MLP projections and the two attention matmuls) is printed beside it as a check.
 """
 
 from __future__ import annotations
@@ -60,32 +61,37 @@ def _efficientnet_b0():
     return model
 
 
-# name → (torch model factory, the reference output fxjax's `pooled` equals: ViT pools the final-norm CLS token).
+def _pooler(out):
+    return out.pooler_output
+
+
+# name → (torch model factory, the reference output fxjax's `pooled` equals: ViT's is the final-norm CLS).
 MODELS: dict[str, tuple[Callable[[], torch.nn.Module], Callable]] = {
     "vit-b16": (_vit_b16, lambda out: out.last_hidden_state[:, 0]),
-    "resnet50": (lambda: transformers.ResNetModel(transformers.ResNetConfig()), lambda out: out.pooler_output),
-    "efficientnet-b0": (_efficientnet_b0, lambda out: out.pooler_output),
-    "dinov2-s": (_dinov2_s, lambda out: out.pooler_output),
-    "convnext-t": (lambda: transformers.ConvNextModel(transformers.ConvNextConfig()), lambda out: out.pooler_output),
+    "resnet50": (lambda: transformers.ResNetModel(transformers.ResNetConfig()), _pooler),
+    "efficientnet-b0": (_efficientnet_b0, _pooler),
+    "dinov2-s": (_dinov2_s, _pooler),
+    "convnext-t": (lambda: transformers.ConvNextModel(transformers.ConvNextConfig()), _pooler),
 }
 
 
 def vit_b16_flops(batch: int, size: int = 224, patch: int = 16, dim: int = 768, depth: int = 12) -> float:
-    """2·MACs of every matmul in ViT-B/16: patch embedding, then per block QKV (3d²), output (d²) and MLP (8d²)
-    projections per token and the two attention matmuls (2·tokens²·d)."""
+    """2·MACs of every matmul in ViT-B/16: patch embedding, then per block QKV (3d²), output (d²) and MLP
+    (8d²) projections per token and the two attention matmuls (2·tokens²·d)."""
     patches = (size // patch) ** 2
     tokens = patches + 1
     macs = patches * 3 * patch * patch * dim + depth * (12 * tokens * dim * dim + 2 * tokens * tokens * dim)
     return 2.0 * macs * batch
 
 
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def median_seconds(fn: Callable[[], object], iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(fn) for _ in range(iters))
 
 
 def matmul_flops_per_second(n: int = 2048, iters: int = 10) -> dict[str, float]:
@@ -117,17 +123,23 @@ def bench_model(name: str, batch: int, iters: int, workdir: Path) -> dict:
     x_torch, x_jax = torch.from_numpy(x), jnp.asarray(x.transpose(0, 2, 3, 1))
 
     with torch.inference_mode():
-        ref = reference(model(pixel_values=x_torch)).reshape(batch, -1).numpy()
-        torch_s = median_seconds(lambda: model(pixel_values=x_torch), iters)
-
+        ref = reference(model(pixel_values=x_torch)).reshape(batch, -1).numpy()  # also the warm-up call
     start = time.perf_counter()
-    ours = np.asarray(backbone.features(x_jax).block_until_ready())
-    first_s = time.perf_counter() - start
-    fxjax_s = median_seconds(lambda: backbone.features(x_jax).block_until_ready(), iters)
-    xla_flops = Backbone._pooled.lower(backbone, backbone.state, x_jax).cost_analysis()["flops"]
+    lowered = Backbone._pooled.lower(backbone, backbone.state, x_jax)
+    lowered.compile()
+    compile_s = time.perf_counter() - start
+    ours = np.asarray(backbone.features(x_jax).block_until_ready())  # warm-up call
+
+    # Alternate the two so that a shared machine's load falls on both alike.
+    torch_times, fxjax_times = [], []
+    for _ in range(iters):
+        with torch.inference_mode():
+            torch_times.append(seconds(lambda: model(pixel_values=x_torch)))
+        fxjax_times.append(seconds(lambda: backbone.features(x_jax).block_until_ready()))
     params = sum(p.numel() for p in model.parameters())
-    return {"name": name, "params": params, "torch_s": torch_s, "fxjax_s": fxjax_s,
-            "compile_s": first_s - fxjax_s, "flops": xla_flops,
+    return {"name": name, "params": params, "torch_s": statistics.median(torch_times),
+            "fxjax_s": statistics.median(fxjax_times), "compile_s": compile_s,
+            "flops": lowered.cost_analysis()["flops"],
             "rel_diff": float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))}
 
 
@@ -163,8 +175,9 @@ def main() -> None:
     vit = next((r for r in rows if r["name"] == "vit-b16"), None)
     if vit is not None:
         analytic = vit_b16_flops(args.batch)
-        print(f"\nViT-B/16 FLOPs per image: analytic (2·MACs of all matmuls) {analytic / args.batch / 1e9:.2f} G, "
-              f"XLA cost_analysis {vit['flops'] / args.batch / 1e9:.2f} G (ratio {vit['flops'] / analytic:.3f})")
+        per_image = analytic / args.batch / 1e9
+        print(f"\nViT-B/16 FLOPs per image: analytic (2·MACs of all matmuls) {per_image:.2f} G, XLA "
+              f"cost_analysis {vit['flops'] / args.batch / 1e9:.2f} G (ratio {vit['flops'] / analytic:.3f})")
 
 
 if __name__ == "__main__":

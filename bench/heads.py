@@ -1,18 +1,19 @@
-"""Head-training speed: many heads in one vmapped sweep vs one head, and cached features vs the backbone online.
+"""Head-training speed: many heads in one vmapped sweep vs one head; cached features vs the backbone online.
 
-    python bench/heads.py [--n-train 20000] [--dim 1280] [--classes 10] [--batch 256] [--epochs 5] [--heads 64]
-                          [--online-batch 64] [--online-batches 3]
+    PYTHONPATH=. python bench/heads.py [--n-train 20000] [--dim 1280] [--classes 10] [--batch 256]
+        [--epochs 5] [--heads 64] [--online-batch 64] [--online-batches 3]
 
-(a) `fxjax.sweep.train_sweep` with `--heads` heads (a learning-rate x weight-decay grid) vs the same sweep with
-one head, on the same synthetic features, batches and steps; the current one-head path (`Trainer` + `Head` on
-`FeatureBatches`, as `experiment.run` trains in cached mode) is timed beside them. Times exclude compilation.
+(a) `fxjax.sweep.train_sweep` with `--heads` heads (a learning-rate x weight-decay grid) vs the same sweep
+with one head, on the same synthetic features, batches and steps; the current one-head path (`Trainer` +
+`Head` on `FeatureBatches`, as `experiment.run` trains in cached mode) is timed beside them. Times exclude
+compilation.
 
 (b) One training epoch on scikit-learn digits (the train split of `load_dataset("digits")`) with the built-in
-efficientnet-lite0 at 224 px, batch `--online-batch`: cached mode (`Trainer` + `Head` on pooled features) vs online
-mode (`Trainer` on `Classifier`: frozen backbone forward + head step per batch). The online epoch is measured on
-`--online-batches` batches after a warm-up batch and extrapolated to the epoch's step count; images are
-preprocessed beforehand, so the online time excludes data loading (a real online epoch is slower still). The
-cached epoch runs on random features of the real shape: a head step does not depend on the feature values.
+efficientnet-lite0 at 224 px, batch `--online-batch`: cached mode (`Trainer` + `Head` on pooled features) vs
+online mode (`Trainer` on `Classifier`: frozen backbone forward + head step per batch). The online epoch is
+measured on `--online-batches` batches after a warm-up batch and extrapolated to the epoch's step count;
+images are preprocessed beforehand, so the online time excludes data loading (a real online epoch is slower
+still). The cached epoch runs on random features of the real shape: a head step does not depend on values.
 """
 
 from __future__ import annotations
@@ -64,17 +65,20 @@ def bench_sweep(args, mesh) -> tuple[list[tuple[str, float, int]], float]:
     side = int(np.sqrt(args.heads))
     lrs, wds = np.logspace(-4, -1, side).tolist(), np.logspace(-5, -1, args.heads // side).tolist()
     opt = default_config().optimizer
-    common = {"num_classes": args.classes, "opt_config": opt, "batch_size": args.batch, "num_epochs": args.epochs,
-              "seed": 0, "mesh": mesh}
+    common = {"num_classes": args.classes, "opt_config": opt, "batch_size": args.batch,
+              "num_epochs": args.epochs, "seed": 0, "mesh": mesh}
     many = train_sweep({"pooled": splits}, labels, learning_rates=lrs, weight_decays=wds, **common)
     one = train_sweep({"pooled": splits}, labels, learning_rates=[1e-3], weight_decays=[1e-4], **common)
-    trainer = Trainer(Head(args.dim, args.classes, rngs=nnx.Rngs(0)), (), num_classes=args.classes, opt_config=opt,
-                      total_steps=one.total_steps, mesh=mesh, seed=0)
+    trainer = Trainer(Head(args.dim, args.classes, rngs=nnx.Rngs(0)), (), num_classes=args.classes,
+                      opt_config=opt, total_steps=one.total_steps, mesh=mesh, seed=0)
     batches = FeatureBatches(splits[0], labels[0], batch_size=args.batch, seed=0)
     trainer_s = trainer_epochs(trainer, batches, one.total_steps)
-    return [(f"sweep, {len(many.table)} heads", many.train_seconds, many.total_steps),
+    heads = len(many.table)
+    return [(f"sweep, {heads} heads", many.train_seconds, many.total_steps),
             ("sweep, 1 head", one.train_seconds, one.total_steps),
-            ("Trainer + Head, 1 head", trainer_s, one.total_steps)], many.best["val_accuracy"]
+            ("Trainer + Head, 1 head", trainer_s, one.total_steps),
+            (f"Trainer + Head, {heads} heads one by one (extrapolated)", trainer_s * heads,
+             one.total_steps * heads)], many.best["val_accuracy"]
 
 
 def bench_modes(args, mesh) -> dict:
@@ -87,15 +91,18 @@ def bench_modes(args, mesh) -> dict:
 
     head = Head(backbone.feature_dim, data.num_classes, rngs=nnx.Rngs(0))
     online = Trainer(Classifier(backbone.module, head, stages), frozen_prefixes(backbone.module, stages),
-                     num_classes=data.num_classes, opt_config=opt, total_steps=steps_per_epoch, mesh=mesh, seed=0)
+                     num_classes=data.num_classes, opt_config=opt, total_steps=steps_per_epoch, mesh=mesh,
+                     seed=0)
     images = pipeline.eval_batches(train, backbone.preprocess, batch_size=args.online_batch)
-    batches = ({"x": b["image"], "label": b["label"]} for b in itertools.islice(images, args.online_batches + 1))
+    batches = ({"x": b["image"], "label": b["label"]}
+               for b in itertools.islice(images, args.online_batches + 1))
     online_s = trainer_epochs(online, batches, args.online_batches) / args.online_batches * steps_per_epoch
 
     feats = np.random.default_rng(0).normal(size=(len(train), backbone.feature_dim)).astype(np.float32)
     train_y = np.asarray([train.label(i) for i in range(len(train))], np.int32)
     cached = Trainer(Head(backbone.feature_dim, data.num_classes, rngs=nnx.Rngs(0)), (),
-                     num_classes=data.num_classes, opt_config=opt, total_steps=steps_per_epoch, mesh=mesh, seed=0)
+                     num_classes=data.num_classes, opt_config=opt, total_steps=steps_per_epoch, mesh=mesh,
+                     seed=0)
     cached_s = trainer_epochs(cached, FeatureBatches(feats, train_y, batch_size=args.online_batch, seed=0),
                               steps_per_epoch)
     return {"n": len(train), "steps": steps_per_epoch, "online_s": online_s, "cached_s": cached_s,
@@ -121,11 +128,12 @@ def main() -> None:
     print(f"jax {jax.__version__} on {len(jax.devices())} {jax.devices()[0].platform} device(s), "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n")
     print(f"(a) linear heads: n={args.n_train}, d={args.dim}, {args.classes} classes, batch {args.batch}, "
-          f"{args.epochs} epochs; training loop only (compilation excluded). Best val accuracy {best_acc:.3f}.\n")
+          f"{args.epochs} epochs; training loop only (compilation excluded). Best val accuracy "
+          f"{best_acc:.3f}.\n")
     print("| run | steps | seconds | ms / step | time vs sweep of 1 head | per head vs sweep of 1 head |")
     print("|---|---:|---:|---:|---:|---:|")
     base = rows[1][1]
-    for (name, seconds, steps), heads in zip(rows, (args.heads, 1, 1)):
+    for (name, seconds, steps), heads in zip(rows, (args.heads, 1, 1, args.heads)):
         print(f"| {name} | {steps} | {seconds:.2f} | {seconds / steps * 1e3:.2f} | {seconds / base:.2f}x | "
               f"{seconds / heads / base:.3f}x |")
     ratio = modes["online_s"] / modes["cached_s"]
@@ -134,8 +142,8 @@ def main() -> None:
           f"{args.online_batches} timed batches extrapolated to the epoch, data loading excluded.\n")
     print("| mode | epoch seconds | ms / step | online / cached |")
     print("|---|---:|---:|---:|")
-    print(f"| cached (head on features) | {modes['cached_s']:.3f} | {modes['cached_s'] / modes['steps'] * 1e3:.2f} "
-          "| |")
+    print(f"| cached (head on features) | {modes['cached_s']:.3f} | "
+          f"{modes['cached_s'] / modes['steps'] * 1e3:.2f} | |")
     print(f"| online (backbone forward + head step) | {modes['online_s']:.1f} | "
           f"{modes['online_s'] / modes['steps'] * 1e3:.0f} | {ratio:.0f}x |")
 

@@ -74,7 +74,8 @@ class FeatureCache:
         kept and this copy is discarded; an unusable committed entry is replaced."""
         for name, value in arrays.items():
             if not _ARRAY_NAME.fullmatch(name):
-                raise ValueError(f"array name {name!r} must be a plain file name ([A-Za-z0-9_.-], no leading dot)")
+                raise ValueError(f"array name {name!r} must be a plain file name ([A-Za-z0-9_.-], no leading "
+                                 "dot)")
             if np.asarray(value).dtype.hasobject:
                 raise ValueError(f"array {name!r} has dtype object; only numeric arrays can be cached")
         self.root.mkdir(parents=True, exist_ok=True)

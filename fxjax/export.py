@@ -1,8 +1,8 @@
 """A trained run as a classifier folder people can use without the run directory or the training code:
 
-    classifier.json    which backbone (name, revision, weight sha256), the classes, the preprocessing, the head
-    head.safetensors   the trainable parameters of the best checkpoint, by dotted module path ("head.out.kernel",
-                       and "backbone.…" for stages the run fine-tuned)
+    classifier.json    which backbone (name, revision, weight sha256), classes, preprocessing, head
+    head.safetensors   the trainable parameters of the best checkpoint, by dotted module path
+                       ("head.out.kernel", and "backbone.…" for stages the run fine-tuned)
     backbone/          optional: the backbone's own weight files, so the folder needs no download
 
 Loading checks the backbone's weight hash against the recorded one: a head only makes sense on the exact
@@ -59,13 +59,19 @@ def export(workdir: str | Path, out: str | Path, *, with_backbone: bool = False)
     step = run.summary.get("best_step")
     checkpoint = run.path / "checkpoints" / str(step) / "params"
     if step is None or not checkpoint.is_dir():
-        raise RunDirError(f"{checkpoint} is missing: the best checkpoint (summary.json best_step={step}) is gone")
+        raise RunDirError(
+            f"{checkpoint} is missing: the best checkpoint (summary.json best_step={step}) is gone"
+        )
     prefix = "head." if run.summary.get("mode") == "cached" else ""  # cached runs train the head module alone
     params = {prefix + name: value for name, value in _restore_flat(checkpoint).items()}
 
     config, recorded = run.config, run.environment.get("backbone", {})
-    backbone = hub.load_backbone(config["backbone"], revision=recorded.get("revision") or config.get("revision"),
-                                 dtype=config.get("dtype", "float32"), param_dtype=config.get("param_dtype", "float32"))
+    backbone = hub.load_backbone(
+        config["backbone"],
+        revision=recorded.get("revision") or config.get("revision"),
+        dtype=config.get("dtype", "float32"),
+        param_dtype=config.get("param_dtype", "float32"),
+    )
     _check_hash(backbone.info["weight_sha256"], recorded.get("weight_sha256"), config["backbone"])
     head_config = config["head"]
     spec = {
@@ -74,14 +80,22 @@ def export(workdir: str | Path, out: str | Path, *, with_backbone: bool = False)
         "backbone": {key: backbone.info[key] for key in ("name", "revision", "model_type", "weight_sha256")},
         "class_names": run.environment["class_names"],
         "preprocess": run.environment["preprocess"],
-        "head": {"kind": head_config["kind"], "dropout": head_config.get("dropout", 0.0),
-                 "hidden_dims": list(head_config["hidden_dims"]) if head_config["kind"] == "mlp" else []},
+        "head": {
+            "kind": head_config["kind"],
+            "dropout": head_config.get("dropout", 0.0),
+            "hidden_dims": list(head_config["hidden_dims"]) if head_config["kind"] == "mlp" else [],
+        },
         "frozen_stages": config_lib.frozen_stages(config["freeze"], backbone.num_stages),
         "image_size": config.get("image_size"),
         "dtype": config.get("dtype", "float32"),
         "param_dtype": config.get("param_dtype", "float32"),
-        "trained": {"workdir": str(run.path.absolute()), "step": step, "dataset": run.summary.get("dataset"),
-                    "test_accuracy": run.summary.get("test_accuracy"), "val_accuracy": run.summary.get("val_accuracy")},
+        "trained": {
+            "workdir": str(run.path.absolute()),
+            "step": step,
+            "dataset": run.summary.get("dataset"),
+            "test_accuracy": run.summary.get("test_accuracy"),
+            "val_accuracy": run.summary.get("val_accuracy"),
+        },
         "config": config,
     }
 
@@ -92,8 +106,9 @@ def export(workdir: str | Path, out: str | Path, *, with_backbone: bool = False)
         _save_params(params, tmp / "head.safetensors", step)
         if with_backbone:
             spec["backbone"]["path"] = "backbone"
-            spec["backbone"]["weight_files"] = _copy_backbone(backbone.info["name"], backbone.info["weight_files"],
-                                                              tmp / "backbone")
+            spec["backbone"]["weight_files"] = _copy_backbone(
+                backbone.info["name"], backbone.info["weight_files"], tmp / "backbone"
+            )
         rundir.write_json(tmp / "classifier.json", spec)
         os.replace(tmp, out)
     except BaseException:
@@ -103,8 +118,8 @@ def export(workdir: str | Path, out: str | Path, *, with_backbone: bool = False)
 
 
 def _restore_flat(checkpoint: Path) -> dict[str, np.ndarray]:
-    """An Orbax params item → {dotted module path: array}, onto this process's first device whatever mesh saved
-    it (a run trained on 8 devices exports on a laptop)."""
+    """An Orbax params item → {dotted module path: array}, onto this process's first device whatever mesh
+    saved it (a run trained on 8 devices exports on a laptop)."""
     import orbax.checkpoint as ocp
 
     checkpointer = ocp.StandardCheckpointer()
@@ -123,8 +138,10 @@ def _save_params(params: dict[str, np.ndarray], path: Path, step: int) -> None:
     from safetensors.numpy import save_file
 
     # safetensors' numpy writer has no bfloat16: stored as float32, cast back to the module's dtype on load.
-    tensors = {k: np.asarray(v, np.float32) if v.dtype.name == "bfloat16" else np.ascontiguousarray(v)
-               for k, v in params.items()}
+    tensors = {
+        k: np.asarray(v, np.float32) if v.dtype.name == "bfloat16" else np.ascontiguousarray(v)
+        for k, v in params.items()
+    }
     save_file(tensors, str(path), metadata={"format": FORMAT, "step": str(step)})
 
 
@@ -148,8 +165,9 @@ def _copy_backbone(name: str, weight_files: Sequence[str], folder: Path) -> list
 def _check_hash(found: str, recorded: str | None, what: str) -> None:
     if recorded is not None and found != recorded:
         raise WeightHashError(
-            f"backbone {what!r}: weight sha256 is {found[:16]}… but the classifier was trained on {recorded[:16]}…; "
-            "these are different weights (re-download the recorded revision or export with --with-backbone)")
+            f"backbone {what!r}: weight sha256 is {found[:16]}… but the head was trained on {recorded[:16]}…"
+            ": different weights (fetch the recorded revision, or export with --with-backbone)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -171,12 +189,14 @@ class ExportedClassifier:
         """
         parts = []
         for start in range(0, len(images), batch_size):
-            chunk = [decode_rgb(str(i)) if isinstance(i, (str, os.PathLike)) else np.asarray(i)
-                     for i in images[start:start + batch_size]]
+            chunk = [
+                decode_rgb(str(i)) if isinstance(i, (str, os.PathLike)) else np.asarray(i)
+                for i in images[start : start + batch_size]
+            ]
             x = np.zeros((batch_size, *self.preprocess.size, 3), np.float32)
             for row, image in enumerate(chunk):
                 x[row] = preprocess_image(image, self.preprocess)
-            parts.append(np.asarray(_probabilities(self._graphdef, self._state, x))[:len(chunk)])
+            parts.append(np.asarray(_probabilities(self._graphdef, self._state, x))[: len(chunk)])
         return np.concatenate(parts) if parts else np.zeros((0, len(self.class_names)), np.float32)
 
 
@@ -190,14 +210,23 @@ def load_classifier(path: str | Path) -> ExportedClassifier:
     folder = Path(path)
     spec_file = folder / "classifier.json"
     if not spec_file.is_file():
-        raise FileNotFoundError(f"{spec_file} is missing: is {str(folder)!r} a folder written by launch.export?")
+        raise FileNotFoundError(
+            f"{spec_file} is missing: is {str(folder)!r} a folder written by launch.export?"
+        )
     spec = json.loads(spec_file.read_text())
     if spec.get("format") != FORMAT or spec.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{spec_file}: not an {FORMAT} v{FORMAT_VERSION} file "
-                         f"(format={spec.get('format')!r} version={spec.get('format_version')!r})")
+        raise ValueError(
+            f"{spec_file}: not an {FORMAT} v{FORMAT_VERSION} file "
+            f"(format={spec.get('format')!r} version={spec.get('format_version')!r})"
+        )
     backbone = _load_backbone(spec, folder)
-    head = Head(backbone.feature_dim, len(spec["class_names"]), hidden_dims=tuple(spec["head"]["hidden_dims"]),
-                dropout=spec["head"]["dropout"], rngs=nnx.Rngs(0))
+    head = Head(
+        backbone.feature_dim,
+        len(spec["class_names"]),
+        hidden_dims=tuple(spec["head"]["hidden_dims"]),
+        dropout=spec["head"]["dropout"],
+        rngs=nnx.Rngs(0),
+    )
     model = Classifier(backbone.module, head, spec["frozen_stages"])
     _assign(model, folder / "head.safetensors")
     return ExportedClassifier(model, list(spec["class_names"]), PreprocessSpec(**spec["preprocess"]), spec)
@@ -206,7 +235,9 @@ def load_classifier(path: str | Path) -> ExportedClassifier:
 def _load_backbone(spec: dict, folder: Path) -> Backbone:
     entry, dtype, param_dtype = spec["backbone"], spec["dtype"], spec["param_dtype"]
     if entry.get("path") is None:
-        backbone = hub.load_backbone(entry["name"], revision=entry["revision"], dtype=dtype, param_dtype=param_dtype)
+        backbone = hub.load_backbone(
+            entry["name"], revision=entry["revision"], dtype=dtype, param_dtype=param_dtype
+        )
         _check_hash(backbone.info["weight_sha256"], entry["weight_sha256"], entry["name"])
         return backbone
     bundled = folder / entry["path"]
@@ -217,8 +248,13 @@ def _load_backbone(spec: dict, folder: Path) -> Backbone:
     _check_hash(weights.sha256_files(files), entry["weight_sha256"], str(bundled))  # before the slow load
     if entry["name"] in hub.BUILTINS:
         return _load_builtin_file(entry["name"], files[0], jnp.dtype(dtype), jnp.dtype(param_dtype))
-    return hub.load_folder(bundled, name=entry["name"], revision=entry["revision"], dtype=jnp.dtype(dtype),
-                           param_dtype=jnp.dtype(param_dtype))
+    return hub.load_folder(
+        bundled,
+        name=entry["name"],
+        revision=entry["revision"],
+        dtype=jnp.dtype(dtype),
+        param_dtype=jnp.dtype(param_dtype),
+    )
 
 
 def _load_builtin_file(name: str, path: Path, dtype, param_dtype) -> Backbone:
@@ -227,12 +263,24 @@ def _load_builtin_file(name: str, path: Path, dtype, param_dtype) -> Backbone:
 
     _, variant, preprocess = hub.BUILTINS[name]
     config = efficientnet.VARIANTS[variant]
-    module = load_state(lambda: efficientnet.EfficientNet(config, dtype=dtype, param_dtype=param_dtype,
-                                                          rngs=nnx.Rngs(0)),
-                        weights.read_checkpoint(path), efficientnet.conversion_rules(config), source=str(path),
-                        param_dtype=param_dtype)
-    return Backbone(module, preprocess, {"name": name, "model_type": "efficientnet_lite", "revision": None,
-                                         "weight_files": [str(path)], "weight_sha256": weights.sha256_files([path])})
+    module = load_state(
+        lambda: efficientnet.EfficientNet(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+        weights.read_checkpoint(path),
+        efficientnet.conversion_rules(config),
+        source=str(path),
+        param_dtype=param_dtype,
+    )
+    return Backbone(
+        module,
+        preprocess,
+        {
+            "name": name,
+            "model_type": "efficientnet_lite",
+            "revision": None,
+            "weight_files": [str(path)],
+            "weight_sha256": weights.sha256_files([path]),
+        },
+    )
 
 
 def _assign(model: nnx.Module, path: Path) -> None:
@@ -245,8 +293,11 @@ def _assign(model: nnx.Module, path: Path) -> None:
     state = nnx.state(model)
     variables = {path_str(p): v for p, v in nnx.to_flat_state(state)}
     problems = [f"{name}: not in the model" for name in tensors if name not in variables]
-    problems += [f"{name}: shape {tensors[name].shape} != model {variables[name].get_value().shape}"
-                 for name in tensors if name in variables and tensors[name].shape != variables[name].get_value().shape]
+    problems += [
+        f"{name}: shape {tensors[name].shape} != model {variables[name].get_value().shape}"
+        for name in tensors
+        if name in variables and tensors[name].shape != variables[name].get_value().shape
+    ]
     if problems:
         raise ValueError(f"{path} does not fit the model: " + "; ".join(problems))
     for name, value in tensors.items():

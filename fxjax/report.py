@@ -51,8 +51,13 @@ def read_run(workdir: str | Path, required: Sequence[str] = RUN_FILES) -> Run:
     for name in required:
         if not (path / name).is_file():
             raise RunDirError(f"{path / name} is missing: is {str(path)!r} a finished run directory?")
-    return Run(path, _json(path / "config.json"), _json(path / "summary.json"), _jsonl(path / "metrics.jsonl"),
-               _json(path / "environment.json") if (path / "environment.json").is_file() else {})
+    return Run(
+        path,
+        _json(path / "config.json"),
+        _json(path / "summary.json"),
+        _jsonl(path / "metrics.jsonl"),
+        _json(path / "environment.json") if (path / "environment.json").is_file() else {},
+    )
 
 
 def _json(path: Path) -> dict:
@@ -137,8 +142,15 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str]) -> Figure:
     if n <= _ANNOTATE_UP_TO:
         for (i, j), count in np.ndenumerate(matrix):
             if count:
-                ax.text(j, i, str(count), ha="center", va="center", fontsize=8,
-                        color="white" if rates[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(count),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
     ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (test)")
     return fig
 
@@ -172,12 +184,21 @@ def sweep_figure(table: list[dict]) -> Figure:
         for r in table:
             if str(r.get("variant", "")) == variant:
                 grid[rates.index(r["learning_rate"]), decays.index(r["weight_decay"])] = r["val_accuracy"]
-        image = ax.imshow(grid, cmap="viridis", vmin=np.nanmin([r["val_accuracy"] for r in table]), vmax=best,
-                          aspect="auto")
+        image = ax.imshow(
+            grid, cmap="viridis", vmin=np.nanmin([r["val_accuracy"] for r in table]), vmax=best, aspect="auto"
+        )
         for (i, j), value in np.ndenumerate(grid):
             if np.isfinite(value):
-                ax.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=7,
-                        color="red" if value == best else "white", weight="bold" if value == best else None)
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.3f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="red" if value == best else "white",
+                    weight="bold" if value == best else None,
+                )
         ax.set_xticks(range(len(decays)), [f"{d:g}" for d in decays], rotation=45, fontsize=8)
         ax.set_yticks(range(len(rates)), [f"{lr:g}" for lr in rates], fontsize=8)
         ax.set(xlabel="weight decay", ylabel="learning rate", title=variant or "sweep")
@@ -185,7 +206,9 @@ def sweep_figure(table: list[dict]) -> Figure:
     return fig
 
 
-def misclassified_figure(images: Sequence[np.ndarray], true: Sequence[str], predicted: Sequence[str]) -> Figure:
+def misclassified_figure(
+    images: Sequence[np.ndarray], true: Sequence[str], predicted: Sequence[str]
+) -> Figure:
     columns = min(len(images), 8)
     rows = -(-len(images) // columns)
     fig = Figure(figsize=(1.6 * columns, 1.9 * rows), layout="constrained")
@@ -249,13 +272,16 @@ def write_report(workdir: str | Path, *, dataset=None, max_misclassified: int = 
         wrong = np.flatnonzero(labels != predictions)[:max_misclassified]
         if test_split is not None and len(wrong):
             images = [test_split[int(i)]["image"] for i in wrong]
-            fig = misclassified_figure(images, [class_names[labels[i]] for i in wrong],
-                                       [class_names[predictions[i]] for i in wrong])
+            fig = misclassified_figure(
+                images, [class_names[labels[i]] for i in wrong], [class_names[predictions[i]] for i in wrong]
+            )
             figures["misclassified"] = ("misclassified.png", png(fig))
         elif test_split is not None:
             notes["misclassified"] = "no test image was misclassified"
     else:
-        notes["confusion-matrix"] = "no test labels: test_labels.npy is missing and the dataset could not be read"
+        notes["confusion-matrix"] = (
+            "no test labels: test_labels.npy is missing and the dataset could not be read"
+        )
     sweep = _optional_json(run.path / "sweep.json")
     if sweep and sweep.get("table"):
         figures["sweep"] = ("sweep.png", png(sweep_figure(sweep["table"])))
@@ -275,10 +301,14 @@ def _test_split(run: Run, dataset, expected: int):
         from fxjax.data.sources import load_dataset
 
         data_config = run.config.get("data", {})
-        dataset = load_dataset(data_config["source"], data_dir=data_config.get("data_dir"),
-                               val_fraction=data_config.get("val_fraction", 0.1),
-                               test_fraction=data_config.get("test_fraction", 0.2),
-                               seed=data_config.get("split_seed", 0), few_shot_k=data_config.get("few_shot_k"))
+        dataset = load_dataset(
+            data_config["source"],
+            data_dir=data_config.get("data_dir"),
+            val_fraction=data_config.get("val_fraction", 0.1),
+            test_fraction=data_config.get("test_fraction", 0.2),
+            seed=data_config.get("split_seed", 0),
+            few_shot_k=data_config.get("few_shot_k"),
+        )
     recorded = run.environment.get("dataset_fingerprint", {}).get("test")
     if recorded is not None and dataset.fingerprint["test"] != recorded:
         raise ValueError(f"the test split of {dataset.name} changed since the run (fingerprint differs)")
@@ -292,7 +322,7 @@ def _optional_json(path: Path) -> dict | None:
     return _json(path) if path.is_file() else None
 
 
-# ---------------------------------------------------------------------------------------------------- comparison
+# -------------------------------------------------------------------------------------------- comparison
 
 
 def compare_runs(workdirs: Sequence[str | Path], out: str | Path = "comparison") -> Path:
@@ -304,14 +334,31 @@ def compare_runs(workdirs: Sequence[str | Path], out: str | Path = "comparison")
     out.mkdir(parents=True, exist_ok=True)
     curves = png(val_curves_figure([(label, r.metrics) for label, r in zip(labels, runs)]))
     write_bytes(out / "val_curves.png", curves)
-    header = ["run", "backbone", "dataset", "test accuracy", "val accuracy", "best step", "train seconds",
-              "images/s"]
+    header = [
+        "run",
+        "backbone",
+        "dataset",
+        "test accuracy",
+        "val accuracy",
+        "best step",
+        "train seconds",
+        "images/s",
+    ]
     rows = []
     for label, r in zip(labels, runs):
         s = r.summary
-        rows.append([label, s.get("backbone", r.config.get("backbone")), s.get("dataset", r.config.get("data", {})
-                     .get("source")), _num(s.get("test_accuracy"), 4), _num(s.get("val_accuracy"), 4),
-                     _num(s.get("best_step")), _num(s.get("train_seconds"), 1), _num(s.get("images_per_second"), 0)])
+        rows.append(
+            [
+                label,
+                s.get("backbone", r.config.get("backbone")),
+                s.get("dataset", r.config.get("data", {}).get("source")),
+                _num(s.get("test_accuracy"), 4),
+                _num(s.get("val_accuracy"), 4),
+                _num(s.get("best_step")),
+                _num(s.get("train_seconds"), 1),
+                _num(s.get("images_per_second"), 0),
+            ]
+        )
     body = [
         "<h1>Run comparison</h1>",
         _table(header, rows, table_id="runs"),
@@ -347,14 +394,19 @@ figure{margin:8px 0}img{max-width:100%;height:auto}figcaption{font-size:.85em;co
 
 
 def _page(title: str, body: list[str]) -> str:
-    return (f"<!DOCTYPE html>\n<html lang=en>\n<head>\n<meta charset=utf-8>\n<title>{html.escape(title)}</title>\n"
-            f"<style>{_STYLE}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n")
+    return (
+        "<!DOCTYPE html>\n<html lang=en>\n<head>\n<meta charset=utf-8>\n"
+        f"<title>{html.escape(title)}</title>\n"
+        f"<style>{_STYLE}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
+    )
 
 
 def _figure(section_id: str, data: bytes, caption: str) -> str:
     encoded = base64.b64encode(data).decode("ascii")
-    return (f'<figure id="{section_id}-figure"><img src="data:image/png;base64,{encoded}" '
-            f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+    return (
+        f'<figure id="{section_id}-figure"><img src="data:image/png;base64,{encoded}" '
+        f'alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    )
 
 
 def _num(value, digits: int | None = None) -> str:
@@ -371,17 +423,30 @@ def _table(header: Sequence[str] | None, rows: Sequence[Sequence], table_id: str
         numeric = text.replace(",", "").replace(".", "", 1).lstrip("-").isdigit()
         return f"<td class=num>{text}</td>" if numeric else f"<td>{text}</td>"
 
-    head = "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>" if header else ""
+    head = (
+        "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>"
+        if header
+        else ""
+    )
     body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
     attr = f' id="{table_id}"' if table_id else ""
     return f"<table{attr}>{head}<tbody>{body}</tbody></table>"
 
 
 _CAPTIONS = {
-    "curves": ("Training and validation curves", "loss and accuracy against step; the dotted line is the best step"),
-    "confusion-matrix": ("Confusion matrix", "test split; colour is the fraction of each true class, numbers count"),
+    "curves": (
+        "Training and validation curves",
+        "loss and accuracy against step; the dotted line is the best step",
+    ),
+    "confusion-matrix": (
+        "Confusion matrix",
+        "test split; colour is the fraction of each true class, numbers count",
+    ),
     "per-class-accuracy": ("Per-class accuracy", "test split; the dashed line is the overall accuracy"),
-    "sweep": ("Hyper-parameter sweep", "validation accuracy per learning rate and weight decay; the best in red"),
+    "sweep": (
+        "Hyper-parameter sweep",
+        "validation accuracy per learning rate and weight decay; the best in red",
+    ),
     "misclassified": ("Misclassified test images", "the first misclassified test examples, in test order"),
 }
 
@@ -389,25 +454,43 @@ _CAPTIONS = {
 def _report_html(run: Run, figures: dict, notes: dict, sweep: dict | None, fewshot: dict | None) -> str:
     s, c, env = run.summary, run.config, run.environment
     backbone = env.get("backbone", {})
-    cards = [("test accuracy", _num(s.get("test_accuracy"), 4)), ("val accuracy", _num(s.get("val_accuracy"), 4)),
-             ("best step", f"{_num(s.get('best_step'))} / {_num(s.get('total_steps'))}"),
-             ("train seconds", _num(s.get("train_seconds"), 1)), ("images / s", _num(s.get("images_per_second"), 0)),
-             ("mode", _num(s.get("mode")))]
-    details = [
-        ("backbone", backbone.get("name", c.get("backbone"))), ("revision", backbone.get("revision")),
-        ("weight sha256", backbone.get("weight_sha256")), ("dataset", s.get("dataset", env.get("dataset"))),
-        ("classes", s.get("num_classes", len(env.get("class_names", [])))), ("test examples", s.get("test_examples")),
-        ("image size", c.get("image_size")), ("head", c.get("head", {}).get("kind")), ("freeze", c.get("freeze")),
-        ("optimizer", c.get("optimizer", {}).get("name")), ("learning rate", c.get("optimizer", {}).get("learning_rate")),
-        ("batch size", c.get("batch_size")), ("epochs", c.get("num_epochs")),
-        ("feature extraction seconds", _num(s.get("extract_seconds"), 1)), ("git commit", env.get("git_commit")),
+    cards = [
+        ("test accuracy", _num(s.get("test_accuracy"), 4)),
+        ("val accuracy", _num(s.get("val_accuracy"), 4)),
+        ("best step", f"{_num(s.get('best_step'))} / {_num(s.get('total_steps'))}"),
+        ("train seconds", _num(s.get("train_seconds"), 1)),
+        ("images / s", _num(s.get("images_per_second"), 0)),
+        ("mode", _num(s.get("mode"))),
     ]
-    body = [f"<h1>Run report: {html.escape(run.path.name)}</h1>",
-            f"<p class=note><code>{html.escape(str(run.path.absolute()))}</code></p>",
-            '<div class=cards id="summary">' + "".join(
-                f"<div class=card><div class=value>{html.escape(v)}</div><div class=label>{html.escape(k)}</div></div>"
-                for k, v in cards) + "</div>",
-            _table(None, [(k, "–" if v is None else v) for k, v in details], table_id="details")]
+    details = [
+        ("backbone", backbone.get("name", c.get("backbone"))),
+        ("revision", backbone.get("revision")),
+        ("weight sha256", backbone.get("weight_sha256")),
+        ("dataset", s.get("dataset", env.get("dataset"))),
+        ("classes", s.get("num_classes", len(env.get("class_names", [])))),
+        ("test examples", s.get("test_examples")),
+        ("image size", c.get("image_size")),
+        ("head", c.get("head", {}).get("kind")),
+        ("freeze", c.get("freeze")),
+        ("optimizer", c.get("optimizer", {}).get("name")),
+        ("learning rate", c.get("optimizer", {}).get("learning_rate")),
+        ("batch size", c.get("batch_size")),
+        ("epochs", c.get("num_epochs")),
+        ("feature extraction seconds", _num(s.get("extract_seconds"), 1)),
+        ("git commit", env.get("git_commit")),
+    ]
+    body = [
+        f"<h1>Run report: {html.escape(run.path.name)}</h1>",
+        f"<p class=note><code>{html.escape(str(run.path.absolute()))}</code></p>",
+        '<div class=cards id="summary">'
+        + "".join(
+            f"<div class=card><div class=value>{html.escape(v)}</div>"
+            f"<div class=label>{html.escape(k)}</div></div>"
+            for k, v in cards
+        )
+        + "</div>",
+        _table(None, [(k, "–" if v is None else v) for k, v in details], table_id="details"),
+    ]
     for section, (title, caption) in _CAPTIONS.items():
         if section == "sweep" and sweep is None:
             continue
@@ -421,9 +504,13 @@ def _report_html(run: Run, figures: dict, notes: dict, sweep: dict | None, fewsh
             body.append(f"<p class=note>{html.escape(notes[section])}</p>")
         body.append("</section>")
     if fewshot is not None:
-        rows = [[r.get("k"), r.get("probe"), _num(r.get("mean"), 4), _num(r.get("std"), 4), r.get("seeds")]
-                for r in fewshot.get("rows", [])]
-        body.append('<section id="fewshot"><h2>Few-shot accuracy</h2>'
-                    + _table(["k", "probe", "mean accuracy", "std", "seeds"], rows, table_id="fewshot-table")
-                    + "</section>")
+        rows = [
+            [r.get("k"), r.get("probe"), _num(r.get("mean"), 4), _num(r.get("std"), 4), r.get("seeds")]
+            for r in fewshot.get("rows", [])
+        ]
+        body.append(
+            '<section id="fewshot"><h2>Few-shot accuracy</h2>'
+            + _table(["k", "probe", "mean accuracy", "std", "seeds"], rows, table_id="fewshot-table")
+            + "</section>"
+        )
     return _page(f"fxjax report: {run.path.name}", body)

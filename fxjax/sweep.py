@@ -1,14 +1,13 @@
-"""Many linear heads at once (DINOv2-style linear evaluation): one pass over cached features per epoch trains a
-grid of learning rates x weight decays for every feature variant; the best head on validation is reported.
+"""Many linear heads at once (DINOv2-style linear evaluation): one pass over cached features per epoch
+trains a grid of learning rates x weight decays for every feature variant; the best head on val is reported.
 
-Head parameters are stacked on a leading axis ([H, d, c]) and trained with `jax.vmap`; each head's optimizer is
-`fxjax.optim.make_optimizer` with that head's learning rate and weight decay, so a head here is the head that
-`fxjax.train.Trainer` would train alone at those values, on the same batches (the `FeatureBatches` order).
+Head parameters are stacked on a leading axis ([H, d, c]) and trained with `jax.vmap`; each head's optimizer
+is `fxjax.optim.make_optimizer` with that head's learning rate and weight decay, so a head here is the head
+that `fxjax.train.Trainer` would train alone at those values, on the same batches (`FeatureBatches` order).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,8 +48,8 @@ class SweepResult:
     def head(self, row: dict) -> dict[str, np.ndarray]:
         """One head's parameters ({"kernel": [d, c], "bias": [c]}), e.g. `result.head(result.best)`."""
         rows = [r for r in self.table if r["variant"] == row["variant"]]
-        index = next(i for i, r in enumerate(rows)
-                     if (r["learning_rate"], r["weight_decay"]) == (row["learning_rate"], row["weight_decay"]))
+        key = lambda r: (r["learning_rate"], r["weight_decay"])
+        index = next(i for i, r in enumerate(rows) if key(r) == key(row))
         return {k: v[index] for k, v in self.params[row["variant"]].items()}
 
     def to_dict(self) -> dict:
@@ -80,8 +79,8 @@ def train_sweep(features: Mapping[str, Splits], labels: tuple[np.ndarray, np.nda
     train_y = labels[0]
     for name, splits in features.items():
         if [len(x) for x in splits] != [len(y) for y in labels]:
-            raise ValueError(f"variant {name!r}: split sizes {[len(x) for x in splits]} differ from the labels' "
-                             f"{[len(y) for y in labels]}")
+            raise ValueError(f"variant {name!r}: split sizes {[len(x) for x in splits]} differ from the "
+                             f"labels' {[len(y) for y in labels]}")
     if not (features and learning_rates and weight_decays):
         raise ValueError("a sweep needs at least one feature variant, learning rate and weight decay")
     eval_batch_size = eval_batch_size or batch_size
@@ -94,15 +93,17 @@ def train_sweep(features: Mapping[str, Splits], labels: tuple[np.ndarray, np.nda
     total_steps = batches.steps_per_epoch * num_epochs
     steps = _Steps(opt_config, num_classes, total_steps, mesh)
 
-    hyper = jax.device_put({"learning_rate": np.array([lr for lr, _ in grid], np.float32),
-                            "weight_decay": np.array([wd for _, wd in grid], np.float32)}, steps.repl)  # [H] each
-    params = jax.device_put({v: {"kernel": np.zeros((len(grid), splits[0].shape[1], num_classes), np.float32),
-                                 "bias": np.zeros((len(grid), num_classes), np.float32)}
-                             for v, splits in features.items()}, steps.repl)  # zero init, as Head's output layer
+    hyper = {"learning_rate": np.array([lr for lr, _ in grid], np.float32),  # [H]
+             "weight_decay": np.array([wd for _, wd in grid], np.float32)}  # [H]
+    # Zero-initialised, as Head's output layer.
+    params = {v: {"kernel": np.zeros((len(grid), splits[0].shape[1], num_classes), np.float32),  # [H, d, c]
+                  "bias": np.zeros((len(grid), num_classes), np.float32)}  # [H, c]
+              for v, splits in features.items()}
+    hyper, params = jax.device_put((hyper, params), steps.repl)
     opt_state = steps.init(params, hyper)
     start = time.perf_counter()
-    xs_spec = {v: jax.ShapeDtypeStruct((batch_size, splits[0].shape[1]), splits[0].dtype, sharding=steps.batch)
-               for v, splits in features.items()}
+    xs_spec = {v: jax.ShapeDtypeStruct((batch_size, train.shape[1]), train.dtype, sharding=steps.batch)
+               for v, (train, _, _) in features.items()}
     y_spec = jax.ShapeDtypeStruct((batch_size,), train_y.dtype, sharding=steps.batch)
     train_step = steps.train.lower(params, opt_state, hyper, xs_spec, y_spec).compile()
     compile_seconds = time.perf_counter() - start
@@ -115,10 +116,10 @@ def train_sweep(features: Mapping[str, Splits], labels: tuple[np.ndarray, np.nda
     params = jax.block_until_ready(params)
     train_seconds = time.perf_counter() - start
 
-    shard_eval = lambda split: steps.evaluate(params, {v: s[split] for v, s in features.items()}, labels[split],
-                                              eval_batch_size, shard)
-    val, test = shard_eval(1), shard_eval(2)
-    params = {v: {k: parallel.gather(x) for k, x in params[v].items()} for v in features}  # the caller's order
+    evaluate = lambda split: steps.evaluate(params, {v: s[split] for v, s in features.items()},
+                                            labels[split], eval_batch_size, shard)
+    val, test = evaluate(1), evaluate(2)
+    params = {v: {k: parallel.gather(x) for k, x in params[v].items()} for v in features}  # caller's order
     table = []
     for v, p in params.items():
         finite = np.isfinite(p["kernel"]).all(axis=(1, 2)) & np.isfinite(p["bias"]).all(axis=1)  # [H]
@@ -134,30 +135,33 @@ def _logits(params, x):  # one head: x [b, d] → [b, c], as Head's linear outpu
 
 
 class _Steps:
-    """The compiled steps: head parameters and hyperparameters replicated, the batch sharded over the mesh."""
+    """The compiled steps: head parameters and hyperparameters replicated, the batch sharded on the mesh."""
 
     def __init__(self, opt_config, num_classes: int, total_steps: int, mesh):
         self.opt_config, self.num_classes, self.total_steps = opt_config, num_classes, total_steps
         self.repl, self.batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
         self.init = jax.jit(self._init, in_shardings=(self.repl, self.repl), out_shardings=self.repl)
-        self.train = jax.jit(self._train, in_shardings=(self.repl, self.repl, self.repl, self.batch, self.batch),
+        self.train = jax.jit(self._train,
+                             in_shardings=(self.repl, self.repl, self.repl, self.batch, self.batch),
                              out_shardings=(self.repl, self.repl), donate_argnums=(0, 1))
         self._eval = jax.jit(self._eval_sums, in_shardings=(self.repl, self.batch, self.batch, self.batch),
                              out_shardings=self.repl)
 
     def _optimizer(self, learning_rate, weight_decay) -> optax.GradientTransformation:
-        return make_optimizer(_Overrides(self.opt_config, learning_rate=learning_rate, weight_decay=weight_decay),
-                              self.total_steps)
+        config = _Overrides(self.opt_config, learning_rate=learning_rate, weight_decay=weight_decay)
+        return make_optimizer(config, self.total_steps)
 
     def _init(self, params, hyper):
         init_one = lambda p, lr, wd: self._optimizer(lr, wd).init(p)
-        return {v: jax.vmap(init_one)(p, hyper["learning_rate"], hyper["weight_decay"]) for v, p in params.items()}
+        return {v: jax.vmap(init_one)(p, hyper["learning_rate"], hyper["weight_decay"])
+                for v, p in params.items()}
 
     def _train(self, params, opt_state, hyper, xs, y):
         """One batch (xs: variant → [b, d_v], y: [b]) updates every head of every variant."""
         def one_head(p, state, lr, wd, x):
             def loss_fn(p):
-                return cross_entropy(_logits(p, x), y, self.num_classes, self.opt_config.label_smoothing).mean()
+                losses = cross_entropy(_logits(p, x), y, self.num_classes, self.opt_config.label_smoothing)
+                return losses.mean()
 
             grads = jax.grad(loss_fn)(p)
             updates, state = self._optimizer(lr, wd).update(grads, state, p)
@@ -170,7 +174,7 @@ class _Steps:
         return new_params, new_state
 
     def _eval_sums(self, params, xs, y, mask):
-        """Per head, the summed loss and number correct over the real (mask True) rows: variant → [H] each."""
+        """Per head, summed loss and number correct over the real (mask True) rows: variant → [H] each."""
         mask = mask.astype(jnp.float32)
         sums = {}
         for v, p in params.items():
@@ -183,18 +187,15 @@ class _Steps:
     def evaluate(self, params, features: Mapping[str, np.ndarray], labels: np.ndarray, batch_size: int,
                  shard: dict) -> dict[str, dict[str, np.ndarray]]:
         """variant → {"accuracy": [H], "loss": [H]} over every example of the split."""
-        totals = None
+        totals = {v: {"loss": np.zeros(len(p["bias"])), "correct": np.zeros(len(p["bias"]))}
+                  for v, p in params.items()}
         for batch in feature_eval_batches(np.arange(len(labels)), labels, batch_size, **shard):
             xs = parallel.to_global({v: f[batch["x"]] for v, f in features.items()}, self.batch)
             rest = parallel.to_global({"label": batch["label"], "mask": batch["mask"]}, self.batch)
-            sums = self._eval(params, xs, rest["label"], rest["mask"])
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        count = max(len(labels), 1)
-        if totals is None:  # an empty split
-            return {v: {"accuracy": np.zeros(len(p["bias"])), "loss": np.full(len(p["bias"]), math.nan)}
-                    for v, p in params.items()}
-        return {v: {k: np.asarray(s[key], np.float64) / count for k, key in (("accuracy", "correct"), ("loss", "loss"))}
-                for v, s in totals.items()}
+            totals = jax.tree.map(jnp.add, totals, self._eval(params, xs, rest["label"], rest["mask"]))
+        count = max(len(labels), 1)  # an empty split gives zeros, as Trainer.evaluate does
+        return {v: {"accuracy": np.asarray(s["correct"], np.float64) / count,
+                    "loss": np.asarray(s["loss"], np.float64) / count} for v, s in totals.items()}
 
 
 def write(result: SweepResult, workdir: str | Path) -> None:

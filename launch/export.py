@@ -15,8 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", help="a finished run directory")
     parser.add_argument("out", help="the classifier folder to create (must not exist yet)")
-    parser.add_argument("--with-backbone", action="store_true",
-                        help="copy the backbone's weight files too, so loading needs no download")
+    parser.add_argument(
+        "--with-backbone",
+        action="store_true",
+        help="copy the backbone's weight files too, so loading needs no download",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from fxjax.export import export
 

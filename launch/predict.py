@@ -23,8 +23,13 @@ def expand(inputs: list[str]) -> list[Path]:
     paths = []
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                            and not any(part.startswith(".") for part in p.relative_to(item).parts))
+            paths += sorted(
+                p
+                for p in item.rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS
+                and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(item).parts)
+            )
         else:
             paths.append(item)
     return paths
@@ -74,8 +79,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         row = probs[row_of[i]]
         top = np.argsort(-row, kind="stable")[:k]
-        results.append({"path": str(path), "predictions": [
-            {"class": classifier.class_names[c], "index": int(c), "probability": float(row[c])} for c in top]})
+        results.append(
+            {
+                "path": str(path),
+                "predictions": [
+                    {"class": classifier.class_names[c], "index": int(c), "probability": float(row[c])}
+                    for c in top
+                ],
+            }
+        )
     if args.json:
         print(json.dumps(results, indent=1))
     else:
@@ -83,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in r:
                 print(f"{r['path']}: error: {r['error']}")
             else:
-                print(f"{r['path']}: " + ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"]))
+                print(
+                    f"{r['path']}: "
+                    + ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
+                )
     return 1 if errors else 0
 
 

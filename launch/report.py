@@ -1,7 +1,7 @@
 """Writes a run's report.html, or compares several runs side by side.
 
-    python -m launch.report runs/quickstart                       # → runs/quickstart/report.html
-    python -m launch.report runs/a runs/b [--out comparison]      # → comparison/comparison.html
+python -m launch.report runs/quickstart                       # → runs/quickstart/report.html
+python -m launch.report runs/a runs/b [--out comparison]      # → comparison/comparison.html
 """
 
 from __future__ import annotations

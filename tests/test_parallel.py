@@ -89,21 +89,22 @@ def test_fsdp_features_equal_replicated_features():
     np.testing.assert_allclose(replicated, np.asarray(backbone.features(images)), rtol=1e-5, atol=1e-5)
 
 
-def _train(model, frozen, mesh, frozen_sharding, batches, **opt):
+def _train(model, frozen, mesh, frozen_sharding, batches, evaluate=True, **opt):
     trainer = Trainer(model, frozen, num_classes=3, opt_config=_opt(learning_rate=0.05, **opt), total_steps=4,
                       mesh=mesh, seed=0, frozen_sharding=frozen_sharding)
     state, losses = trainer.init_state(), []
     for batch in batches:
         state, metrics = trainer.train_step(state, batch)
         losses.append(metrics["loss"])
-    evaluated = trainer.evaluate(state.params, iter([{**batches[0], "mask": np.arange(16) < 12}]))
+    mask = np.arange(16) < 12
+    evaluated = trainer.evaluate(state.params, iter([{**batches[0], "mask": mask}])) if evaluate else None
     return trainer, state, np.asarray(losses), evaluated
 
 
 def _batches(shape, n=4):
     rng = np.random.default_rng(1)
-    return [{"x": rng.normal(size=(16, *shape)).astype(np.float32), "label": rng.integers(0, 3, 16).astype(np.int32)}
-            for _ in range(n)]
+    return [{"x": rng.normal(size=(16, *shape)).astype(np.float32),
+             "label": rng.integers(0, 3, 16).astype(np.int32)} for _ in range(n)]
 
 
 def test_head_on_features_trains_the_same_on_data2_fsdp4_as_on_data8():
@@ -115,6 +116,7 @@ def test_head_on_features_trains_the_same_on_data2_fsdp4_as_on_data8():
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
     assert eval_a["count"] == eval_b["count"] == 12 and np.isclose(eval_a["loss"], eval_b["loss"], rtol=1e-5)
+    np.testing.assert_array_equal(eval_a["predictions"], eval_b["predictions"])
 
 
 def test_online_partly_frozen_vit_with_fsdp_frozen_state_matches_replicated():
@@ -124,8 +126,9 @@ def test_online_partly_frozen_vit_with_fsdp_frozen_state_matches_replicated():
         module = _vit()
         return Classifier(module, Head(32, 3, rngs=nnx.Rngs(1)), frozen_stages=2), frozen_prefixes(module, 2)
 
-    (_, a, losses_a, eval_a), (trainer, b, losses_b, eval_b) = [
-        _train(*classifier(), _mesh(d, f), s, batches, weight_decay=0.0) for d, f, s in ((8, 1, None), (2, 4, FSDP))
+    (_, a, losses_a, _), (trainer, b, losses_b, _) = [
+        _train(*classifier(), _mesh(d, f), s, batches, evaluate=False)
+        for d, f, s in ((8, 1, None), (2, 4, FSDP))
     ]
     frozen = _local_shapes(trainer.frozen)
     assert frozen["backbone.blocks.0.attn.query.kernel"] == (32, 8)  # block 0 frozen, held 1/4 per device
@@ -134,8 +137,6 @@ def test_online_partly_frozen_vit_with_fsdp_frozen_state_matches_replicated():
     assert losses_a[-1] != losses_a[0]
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-5)
-    assert np.isclose(eval_a["loss"], eval_b["loss"], rtol=1e-5)
-    np.testing.assert_array_equal(eval_a["predictions"], eval_b["predictions"])
 
 
 def test_param_shardings_rules_anchor_on_the_parameter_name():

@@ -77,7 +77,7 @@ def _parse(path: Path) -> _Page:
 def _decode(src: str) -> tuple[bytes, Image.Image]:
     prefix = "data:image/png;base64,"
     assert src.startswith(prefix)
-    data = base64.b64decode(src[len(prefix):], validate=True)
+    data = base64.b64decode(src[len(prefix) :], validate=True)
     image = Image.open(io.BytesIO(data))
     image.load()
     return data, image
@@ -85,8 +85,11 @@ def _decode(src: str) -> tuple[bytes, Image.Image]:
 
 def _copy_run(workdir: Path, to: Path) -> Path:
     """The run's records without checkpoints or event files: enough for reports."""
-    return Path(shutil.copytree(workdir, to, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", "*.png",
-                                                                           "report.html")))
+    return Path(
+        shutil.copytree(
+            workdir, to, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", "*.png", "report.html")
+        )
+    )
 
 
 def _write_report(workdir: Path) -> Path:
@@ -124,8 +127,18 @@ def test_report_embeds_curves_confusion_and_misclassified_images(report, run):
 
 def test_sweep_heatmap_and_fewshot_table_when_their_files_exist(run, tmp_path):
     workdir = _copy_run(run, tmp_path / "run")
-    table = [{"variant": v, "learning_rate": lr, "weight_decay": wd, "val_accuracy": 0.5 + lr + wd,
-              "test_accuracy": 0.5} for v in ("pooled", "cls+mean") for lr in (0.1, 0.01) for wd in (0.0, 1e-4)]
+    table = [
+        {
+            "variant": v,
+            "learning_rate": lr,
+            "weight_decay": wd,
+            "val_accuracy": 0.5 + lr + wd,
+            "test_accuracy": 0.5,
+        }
+        for v in ("pooled", "cls+mean")
+        for lr in (0.1, 0.01)
+        for wd in (0.0, 1e-4)
+    ]
     (workdir / "sweep.json").write_text(json.dumps({"table": table, "best": table[1]}))
     rows = [{"k": k, "probe": "ridge", "mean": 0.5 + k / 100, "std": 0.01, "seeds": 3} for k in (1, 5, 10)]
     (workdir / "fewshot.json").write_text(json.dumps({"rows": rows}))
@@ -134,6 +147,18 @@ def test_sweep_heatmap_and_fewshot_table_when_their_files_exist(run, tmp_path):
     fewshot = page.rows["fewshot-table"]
     assert fewshot[0] == ["k", "probe", "mean accuracy", "std", "seeds"]
     assert [r[0] for r in fewshot[1:]] == ["1", "5", "10"] and fewshot[2][2] == "0.5500"
+
+
+def test_without_the_dataset_the_rest_of_the_report_is_still_written(run, tmp_path):
+    workdir = _copy_run(run, tmp_path / "moved")
+    config = json.loads((workdir / "config.json").read_text())
+    config["data"]["source"] = f"folder:{tmp_path / 'gone'}"
+    (workdir / "config.json").write_text(json.dumps(config))
+    (workdir / "test_labels.npy").unlink(missing_ok=True)
+    page = _parse(_write_report(workdir))
+    assert len(page.images["curves"]) == 1 and "misclassified" not in page.images
+    text = (workdir / "report.html").read_text()
+    assert "test images unavailable" in text and "no test labels" in text
 
 
 def test_missing_file_is_a_one_line_error_naming_it(run, tmp_path, capsys):
@@ -165,14 +190,32 @@ def test_comparison_has_one_table_with_both_runs_and_overlaid_curves(run, tmp_pa
 def test_headless_browser_renders_the_report(report, tmp_path):
     browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
     if browser is None:
-        pytest.skip("no headless browser installed (apt-get install chromium): the report's rendering is unchecked")
+        pytest.skip(
+            "no headless browser installed (apt-get install chromium): the report's rendering is unchecked"
+        )
     shot = tmp_path / "shot.png"
     with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        f"--user-data-dir={profile}", "--hide-scrollbars", "--window-size=1200,1400",
-                        f"--screenshot={shot}", report.absolute().as_uri()],
-                       capture_output=True, timeout=60, check=False)
+        subprocess.run(
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--hide-scrollbars",
+                "--window-size=1200,1400",
+                f"--screenshot={shot}",
+                report.absolute().as_uri(),
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
     assert shot.is_file(), "the browser wrote no screenshot"
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert (pixels.min(axis=2) < 200).mean() > 0.02, "screenshot is blank"
@@ -185,8 +228,8 @@ def _tfrecords(path: Path):
     """The records of a TFRecord file (length, crc, payload, crc), as TensorBoard reads event files."""
     data, offset = path.read_bytes(), 0
     while offset < len(data):
-        (length,) = struct.unpack("<Q", data[offset:offset + 8])
-        yield data[offset + 12:offset + 12 + length]
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        yield data[offset + 12 : offset + 12 + length]
         offset += 12 + length + 4
 
 
@@ -214,7 +257,13 @@ def test_tensorboard_finds_the_scalars(run):
     multiplexer.AddRunsFromDirectory(str(run))  # what `tensorboard --logdir <run>` does
     multiplexer.Reload()
     tags = multiplexer.Runs()["tensorboard"]["scalars"]
-    assert {"train/loss", "train/accuracy", "train/learning_rate", "val/accuracy", "val/loss",
-            "test/accuracy"} <= set(tags)
+    assert {
+        "train/loss",
+        "train/accuracy",
+        "train/learning_rate",
+        "val/accuracy",
+        "val/loss",
+        "test/accuracy",
+    } <= set(tags)
     val_steps = [e.step for e in multiplexer.Scalars("tensorboard", "val/accuracy")]
     assert val_steps == [r["step"] for r in read_metrics(run) if r["split"] == "val"]

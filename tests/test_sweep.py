@@ -46,8 +46,8 @@ def _trained_alone(train, train_y, lr, wd, optimizer, total_steps):
     """The reference: one Head trained by Trainer on FeatureBatches with the same seed and steps."""
     opt = _opt(optimizer)
     opt.update(learning_rate=lr, weight_decay=wd)
-    trainer = Trainer(Head(D, C, rngs=nnx.Rngs(0)), (), num_classes=C, opt_config=opt, total_steps=total_steps,
-                      mesh=_mesh(), seed=3)
+    trainer = Trainer(Head(D, C, rngs=nnx.Rngs(0)), (), num_classes=C, opt_config=opt,
+                      total_steps=total_steps, mesh=_mesh(), seed=3)
     batches, state = FeatureBatches(train, train_y, batch_size=BATCH, seed=3), trainer.init_state()
     for _ in range(total_steps):
         state, _ = trainer.train_step(state, next(batches))

@@ -13,6 +13,7 @@ from flax import nnx
 
 from fxjax.models.activations import activation
 from fxjax.models.convert import Rule
+from fxjax.models.layers import DepthwiseConv
 
 MODEL_TYPES = ("convnext",)
 INNER_NORM_EPS = 1e-6  # fixed in the reference for every LayerNorm but the final one (config.layer_norm_eps)
@@ -29,7 +30,8 @@ class Block(nnx.Module):
 
     def __init__(self, dim: int, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        self.dwconv = nnx.Conv(dim, dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=dim, **kw)
+        # Shifted-copy sum, not a grouped nnx.Conv: XLA's CPU grouped convolution is several times slower.
+        self.dwconv = DepthwiseConv(dim, 7, padding=((3, 3), (3, 3)), use_bias=True, **kw)
         self.layernorm = _layer_norm(dim, INNER_NORM_EPS, **kw)
         self.pwconv1 = nnx.Linear(dim, 4 * dim, **kw)
         self.pwconv2 = nnx.Linear(4 * dim, dim, **kw)

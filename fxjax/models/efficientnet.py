@@ -71,7 +71,8 @@ class EfficientNetConfig:
         if fixed:
             return filters
         scaled = filters * self.width
-        rounded = max(self.depth_divisor, int(scaled + self.depth_divisor / 2) // self.depth_divisor * self.depth_divisor)
+        divisor = self.depth_divisor
+        rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
         return int(rounded + self.depth_divisor if rounded < 0.9 * scaled else rounded)
 
     def stages(self) -> list[BlockArgs]:
@@ -80,7 +81,8 @@ class EfficientNetConfig:
             fixed = self.lite and i in (0, len(self.base_blocks) - 1)  # Lite keeps the first and last stage's depth
             repeats = args.repeats if fixed or self.depth == 1.0 else math.ceil(self.depth * args.repeats)
             filters_in = 32 if self.lite and i == 0 else self.round_filters(args.filters_in)
-            stages.append(replace(args, repeats=repeats, filters_in=filters_in, filters_out=self.round_filters(args.filters_out)))
+            filters_out = self.round_filters(args.filters_out)
+            stages.append(replace(args, repeats=repeats, filters_in=filters_in, filters_out=filters_out))
         return stages
 
     @property
