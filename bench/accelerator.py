@@ -156,8 +156,8 @@ def main() -> None:
         ratio = f"{r['xla_flops'] / (flops * args.batch):.3f}" if r["xla_flops"] else "n/a"
         mfu = f"{achieved / peak:.1%}" if peak else "n/a"
         print(f"| {r['name']} | {device.device_kind} | {r['params'] / 1e6:.1f} "
-              f"| {args.batch / r['seconds']:.1f} | {flops / 1e9:.2f} | {ratio} | {achieved / 1e12:.3f} | {mfu} "
-              f"| {r['compile_s']:.1f} |")
+              f"| {args.batch / r['seconds']:.1f} | {flops / 1e9:.2f} | {ratio} | {achieved / 1e12:.3f} "
+              f"| {mfu} | {r['compile_s']:.1f} |")
     print(f"\nHead training on cached features (linear head, {args.classes} classes, AdamW, float32, "
           f"batch {args.head_batch}, {args.head_steps} steps):\n")
     print("| features | device | steps/s | examples/s |")

@@ -54,6 +54,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.grad_clip = 1.0  # global norm; 0 disables
     c.optimizer.label_smoothing = 0.0
 
+    # Many linear heads at once on cached features (one vmapped pass per epoch): the grid of learning rates
+    # x weight decays; the best on validation is then trained as the run's head and evaluated on test.
+    c.sweep = ml_collections.ConfigDict()
+    c.sweep.learning_rates = ()
+    c.sweep.weight_decays = ()
+    # Classic probes on the cached features: any of "ridge", "logistic" (L-BFGS), "knn".
+    c.probes = ()
+    # Few-shot protocol on the cached features: k examples per class, several seeds, mean ± std.
+    c.fewshot = ml_collections.ConfigDict()
+    c.fewshot.ks = ()
+    c.fewshot.seeds = (0, 1, 2)
+    c.fewshot.probe = "logistic"  # ridge | logistic
+
     c.batch_size = 64  # global, over all devices and hosts
     c.eval_batch_size = 256
     c.num_epochs = 10
@@ -150,6 +163,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(c.dtype in ("float32", "bfloat16") and c.param_dtype in ("float32", "bfloat16"),
           "config.dtype and config.param_dtype must be 'float32' or 'bfloat16'")
     check(0 <= c.optimizer.label_smoothing < 1, "config.optimizer.label_smoothing must be in [0, 1)")
+    check(set(c.probes) <= {"ridge", "logistic", "knn"},
+          f"config.probes={tuple(c.probes)}: choose from 'ridge', 'logistic', 'knn'")
+    check(c.fewshot.probe in ("ridge", "logistic"), f"config.fewshot.probe={c.fewshot.probe!r}: 'ridge' or 'logistic'")
+    needs_features = bool(c.sweep.learning_rates or c.sweep.weight_decays or c.probes or c.fewshot.ks)
+    check(not needs_features or uses_cached_features(c),
+          "config.sweep, config.probes and config.fewshot work on cached features: they need config.freeze='all' "
+          "and config.data.augment=False")
+    check(not (c.sweep.learning_rates or c.sweep.weight_decays) or c.head.kind == "linear",
+          "config.sweep trains linear heads: set config.head.kind='linear'")
     check(c.mode != "cached" or (c.freeze == "all" and not c.data.augment),
           "config.mode='cached' needs config.freeze='all' and config.data.augment=False (features must not change)")
 

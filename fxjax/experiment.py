@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from fxjax import config as config_lib, features, parallel, rundir
+from fxjax import config as config_lib, evaluation, features, parallel, rundir
 from fxjax.checkpoint import Checkpoints, abstract
 from fxjax.data import pipeline
 from fxjax.data.sources import load_dataset
@@ -84,19 +84,17 @@ def _run(config, workdir: Path) -> dict:
         raise ValueError(f"config.batch_size={config.batch_size} is larger than the training split ({train_size})")
     total_steps = steps_per_epoch * config.num_epochs
 
-    extract_seconds = 0.0
+    extract_seconds, extras = 0.0, {}
     if config_lib.uses_cached_features(config):
         start = time.perf_counter()
-        feats = {
-            split: features.extract(
-                backbone,
-                pipeline.eval_batches(source, backbone.preprocess, batch_size=config.eval_batch_size,
-                                      worker_count=config.data.worker_count, **shard),
-                total=len(source), mesh=mesh, desc=f"features[{split}]")
-            for split, source in data.splits.items()
-        }
+        feats, labels, hits = features.cached_features(
+            backbone, data, mesh=mesh, batch_size=config.eval_batch_size, cache_dir=config.cache_dir,
+            dtype=config.dtype, param_dtype=config.param_dtype, worker_count=config.data.worker_count)
         extract_seconds = time.perf_counter() - start
-        labels = {split: _labels(source) for split, source in data.splits.items()}
+        extras = {"feature_cache_hits": hits,
+                  **evaluation.on_features(config, feats, labels, data.num_classes, mesh, workdir)}
+        if "sweep" in extras:  # the grid's best (lr, wd) becomes the run's head
+            config = _with_optimizer(config, extras["sweep"]["learning_rate"], extras["sweep"]["weight_decay"])
         model, frozen = head, ()
         train_iter = FeatureBatches(feats["train"], labels["train"], batch_size=config.batch_size,
                                     seed=config.seed, **shard)
@@ -159,13 +157,19 @@ def _run(config, workdir: Path) -> dict:
         "images_per_second": examples / train_seconds if train_seconds > 0 else None,
         "extract_seconds": extract_seconds, "num_classes": data.num_classes, "test_examples": test["count"],
         "mode": "cached" if config_lib.uses_cached_features(config) else "online",
-        "backbone": backbone.info["name"], "dataset": data.name,
+        "backbone": backbone.info["name"], "dataset": data.name, **extras,
     }
     if jax.process_index() == 0:
         _save_npy(workdir / "test_predictions.npy", test["predictions"])
         _save_npy(workdir / "test_labels.npy", _labels(data.splits["test"]))
         rundir.write_json(workdir / "summary.json", summary)
     return summary
+
+
+def _with_optimizer(config, learning_rate: float, weight_decay: float):
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.optimizer.learning_rate, config.optimizer.weight_decay = learning_rate, weight_decay
+    return config
 
 
 def _labels(source) -> np.ndarray:

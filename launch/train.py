@@ -37,10 +37,11 @@ def load_config_file(path: str):
     return module.get_config()
 
 
-def parse_args(argv: list[str]):
+def parse_args(argv: list[str], *, workdir_required: bool = True):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="Python file with get_config()")
-    parser.add_argument("--workdir", required=True, help="run directory (created; resumed if it has checkpoints)")
+    parser.add_argument("--workdir", required=workdir_required,
+                        help="run directory (created; resumed if it has checkpoints)")
     parser.add_argument("--coordinator_address", help="host:port of process 0, for a multi-process run")
     parser.add_argument("--num_processes", type=int, help="processes in a multi-process run")
     parser.add_argument("--process_id", type=int, help="this process's index, 0 .. num_processes - 1")

@@ -98,6 +98,22 @@ def jax_leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+def test_sweep_probes_and_fewshot_on_cached_features(tmp_path):
+    config = small_config(**{"sweep.learning_rates": (1e-3, 1e-2), "sweep.weight_decays": (0.0, 1e-4),
+                             "probes": ("ridge", "logistic", "knn"), "fewshot.ks": (1, 5), "fewshot.seeds": (0, 1)})
+    summary = experiment.run(config, tmp_path)
+    assert all(summary["feature_cache_hits"].values())  # the module's first run filled the cache
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(sweep["table"]) == 4 and summary["sweep"]["heads"] == 4
+    chosen = json.loads((tmp_path / "config.json").read_text())
+    assert chosen["sweep"]["learning_rates"] == [1e-3, 1e-2]
+    assert set(summary["probes"]) == {"ridge", "logistic", "knn"}
+    assert summary["probes"]["logistic"]["test_accuracy"] > 0.5
+    rows = json.loads((tmp_path / "fewshot.json").read_text())["rows"]
+    assert [r["k"] for r in rows] == [1, 5] and rows[1]["mean_accuracy"] > rows[0]["mean_accuracy"] - 0.05
+    assert (tmp_path / "fewshot.md").read_text().startswith("| k per class")
+
+
 def test_online_partial_freeze_trains(tmp_path):
     config = small_config(freeze="7", num_epochs=1, mode="online", **{"data.val_fraction": 0.05,
                                                                        "data.test_fraction": 0.05})

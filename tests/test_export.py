@@ -84,7 +84,7 @@ def test_loaded_classifier_reproduces_the_runs_test_predictions(run, classifier,
 
 
 def test_with_backbone_is_self_contained_and_a_tampered_weight_hash_errors(
-    run, exported, split_images, tmp_path
+    run, split_probs, split_images, tmp_path
 ):
     out = tmp_path / "bundled"
     assert export_cli.main([str(run), str(out), "--with-backbone"]) == 0

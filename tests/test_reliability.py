@@ -24,7 +24,9 @@ ARGS = ["--config", "configs/quickstart.py", "--config.image_size=32", "--config
 
 
 def _launch(workdir: Path) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    # A cache of its own per workdir, so a killed run really extracts (and can be killed while it does).
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "FXJAX_CACHE_DIR": str(workdir.parent / f"cache-{workdir.name}")}
     return subprocess.Popen([sys.executable, "-m", "launch.train", *ARGS, "--workdir", str(workdir)], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

@@ -1,0 +1,50 @@
+"""Computes a config's features for every split into the feature cache (reused by later runs).
+
+    python -m launch.extract --config configs/quickstart.py [--config.a.b=value ...]
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from launch.train import load_config_file, parse_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv, workdir_required=False)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from fxjax import cache, config as config_lib, features, parallel
+    from fxjax.data.sources import load_dataset
+    from fxjax.hub import load_backbone
+
+    try:
+        config = load_config_file(args.config)
+        for key, value in overrides:
+            config_lib.override(config, key, value)
+        config = config_lib.resolve(config)
+        mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+        parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+        backbone = load_backbone(config.backbone, revision=config.revision, dtype=config.dtype,
+                                 param_dtype=config.param_dtype)
+        if config.image_size is not None:
+            backbone.preprocess = backbone.preprocess.at_size(config.image_size)
+        data = load_dataset(config.data.source, data_dir=config.data.data_dir,
+                            val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
+                            seed=config.data.split_seed, few_shot_k=config.data.few_shot_k)
+        feats, _, hits = features.cached_features(
+            backbone, data, mesh=mesh, batch_size=config.eval_batch_size, cache_dir=config.cache_dir,
+            dtype=config.dtype, param_dtype=config.param_dtype, worker_count=config.data.worker_count)
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    store = cache.FeatureCache(cache.cache_root(config.cache_dir))
+    for split, array in feats.items():
+        key = features.fingerprint(backbone, data, split, config.dtype, config.param_dtype)
+        print(f"{split}: {array.shape[0]} x {array.shape[1]} ({'cached' if hits[split] else 'extracted'}) "
+              f"{store.path(key)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
