@@ -163,7 +163,20 @@ def _run(config, workdir: Path) -> dict:
         _save_npy(workdir / "test_predictions.npy", test["predictions"])
         _save_npy(workdir / "test_labels.npy", _labels(data.splits["test"]))
         rundir.write_json(workdir / "summary.json", summary)
+        _write_report(workdir, data)
     return summary
+
+
+def _write_report(workdir: Path, data) -> None:
+    """The HTML report; a plotting failure is logged, never allowed to fail a finished run."""
+    from fxjax import report
+
+    try:
+        path = report.write_report(workdir, dataset=data)
+        log.info("report: %s", path)
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not write the report (%s: %s); rerun `python -m launch.report %s`",
+                    type(err).__name__, err, workdir)
 
 
 def _with_optimizer(config, learning_rate: float, weight_decay: float):

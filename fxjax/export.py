@@ -29,7 +29,7 @@ from fxjax.data.preprocess import PreprocessSpec, preprocess_image
 from fxjax.data.sources import decode_rgb
 from fxjax.heads import Head
 from fxjax.models.backbone import Backbone
-from fxjax.models.convert import load_state, path_str
+from fxjax.models.convert import path_str
 from fxjax.report import RunDirError, read_run
 from fxjax.train import Classifier
 
@@ -124,7 +124,7 @@ def _restore_flat(checkpoint: Path) -> dict[str, np.ndarray]:
 
     checkpointer = ocp.StandardCheckpointer()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    tree = checkpointer.metadata(checkpoint).item_metadata.tree
+    tree = ocp.StandardCheckpointHandler().metadata(checkpoint).tree  # the item's own metadata, no step
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
     restored = checkpointer.restore(checkpoint, target)
     flat = {}
@@ -234,53 +234,27 @@ def load_classifier(path: str | Path) -> ExportedClassifier:
 
 def _load_backbone(spec: dict, folder: Path) -> Backbone:
     entry, dtype, param_dtype = spec["backbone"], spec["dtype"], spec["param_dtype"]
-    if entry.get("path") is None:
-        backbone = hub.load_backbone(
-            entry["name"], revision=entry["revision"], dtype=dtype, param_dtype=param_dtype
-        )
-        _check_hash(backbone.info["weight_sha256"], entry["weight_sha256"], entry["name"])
-        return backbone
-    bundled = folder / entry["path"]
-    files = [bundled / name for name in entry["weight_files"]]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(f"bundled backbone weights missing: {', '.join(missing)}")
-    _check_hash(weights.sha256_files(files), entry["weight_sha256"], str(bundled))  # before the slow load
-    if entry["name"] in hub.BUILTINS:
-        return _load_builtin_file(entry["name"], files[0], jnp.dtype(dtype), jnp.dtype(param_dtype))
-    return hub.load_folder(
-        bundled,
-        name=entry["name"],
-        revision=entry["revision"],
-        dtype=jnp.dtype(dtype),
-        param_dtype=jnp.dtype(param_dtype),
+    if entry.get("path") is not None:
+        bundled = folder / entry["path"]
+        files = [bundled / name for name in entry["weight_files"]]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"bundled backbone weights missing: {', '.join(missing)}")
+        _check_hash(weights.sha256_files(files), entry["weight_sha256"], str(bundled))  # before the slow load
+        if entry["name"] not in hub.BUILTINS:
+            return hub.load_folder(
+                bundled,
+                name=entry["name"],
+                revision=entry["revision"],
+                dtype=jnp.dtype(dtype),
+                param_dtype=jnp.dtype(param_dtype),
+            )
+    # Built-ins load from their pip package (hub has no load-from-file hook); the hash proves the same bytes.
+    backbone = hub.load_backbone(
+        entry["name"], revision=entry["revision"], dtype=dtype, param_dtype=param_dtype
     )
-
-
-def _load_builtin_file(name: str, path: Path, dtype, param_dtype) -> Backbone:
-    """A built-in backbone from a given weight file (hub finds the file through its pip package instead)."""
-    from fxjax.models import efficientnet
-
-    _, variant, preprocess = hub.BUILTINS[name]
-    config = efficientnet.VARIANTS[variant]
-    module = load_state(
-        lambda: efficientnet.EfficientNet(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
-        weights.read_checkpoint(path),
-        efficientnet.conversion_rules(config),
-        source=str(path),
-        param_dtype=param_dtype,
-    )
-    return Backbone(
-        module,
-        preprocess,
-        {
-            "name": name,
-            "model_type": "efficientnet_lite",
-            "revision": None,
-            "weight_files": [str(path)],
-            "weight_sha256": weights.sha256_files([path]),
-        },
-    )
+    _check_hash(backbone.info["weight_sha256"], entry["weight_sha256"], entry["name"])
+    return backbone
 
 
 def _assign(model: nnx.Module, path: Path) -> None:

@@ -53,7 +53,8 @@ def fingerprint(backbone: Backbone, data, split: str, dtype: str, param_dtype: s
 
 
 def cached_features(backbone: Backbone, data, *, mesh, batch_size: int, cache_dir: str | None, dtype: str,
-                    param_dtype: str, worker_count: int = 0) -> tuple[dict, dict, dict]:
+                    param_dtype: str, worker_count: int = 0,
+                    param_sharding: parallel.ShardingFn | None = None) -> tuple[dict, dict, dict]:
     """Pooled features and labels of every split, from the on-disk cache or extracted once into it.
 
     → (features {split: [n, d]}, labels {split: [n]}, hits {split: bool}). Every host computes when any
@@ -74,7 +75,8 @@ def cached_features(backbone: Backbone, data, *, mesh, batch_size: int, cache_di
                 "features": extract(backbone, pipeline.eval_batches(source, backbone.preprocess,
                                                                     batch_size=batch_size,
                                                                     worker_count=worker_count, **shard),
-                                    total=len(source), mesh=mesh, desc=f"features[{split}]"),
+                                    total=len(source), mesh=mesh, desc=f"features[{split}]",
+                                    param_sharding=param_sharding),
                 "labels": np.asarray([source.label(i) for i in range(len(source))], np.int32),
             }
             if jax.process_index() == 0:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from fxjax.data.preprocess import to_rgb
 
@@ -196,9 +197,13 @@ def sweep_figure(table: list[dict]) -> Figure:
                     ha="center",
                     va="center",
                     fontsize=7,
-                    color="red" if value == best else "white",
+                    color="black" if value == best else "white",
                     weight="bold" if value == best else None,
                 )
+                if value == best:
+                    ax.add_patch(
+                        Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
+                    )
         ax.set_xticks(range(len(decays)), [f"{d:g}" for d in decays], rotation=45, fontsize=8)
         ax.set_yticks(range(len(rates)), [f"{lr:g}" for lr in rates], fontsize=8)
         ax.set(xlabel="weight decay", ylabel="learning rate", title=variant or "sweep")
@@ -445,7 +450,7 @@ _CAPTIONS = {
     "per-class-accuracy": ("Per-class accuracy", "test split; the dashed line is the overall accuracy"),
     "sweep": (
         "Hyper-parameter sweep",
-        "validation accuracy per learning rate and weight decay; the best in red",
+        "validation accuracy per learning rate and weight decay; the best framed in red",
     ),
     "misclassified": ("Misclassified test images", "the first misclassified test examples, in test order"),
 }

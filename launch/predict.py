@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     if args.json:
-        print(json.dumps(results, indent=1))
+        print(json.dumps(results, indent=2))
     else:
         for r in results:
             if "error" in r:

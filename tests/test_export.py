@@ -15,8 +15,9 @@ from safetensors.numpy import load_file, save_file
 from tiny_run import tiny_run
 
 import fxjax
+from fxjax import hub
 from fxjax.data.sources import load_dataset
-from fxjax.export import WeightHashError, _assign, _restore_flat
+from fxjax.export import WeightHashError, _assign, _copy_backbone, _load_backbone, _restore_flat
 from fxjax.freeze import frozen_prefixes, split_trainable
 from fxjax.heads import Head
 from fxjax.models.convert import path_str
@@ -83,7 +84,7 @@ def test_loaded_classifier_reproduces_the_runs_test_predictions(run, classifier,
     assert classifier.class_names == [str(i) for i in range(10)] and classifier.preprocess.size == (32, 32)
 
 
-def test_with_backbone_is_self_contained_and_a_tampered_weight_hash_errors(
+def test_with_backbone_bundles_the_weights_and_a_tampered_weight_hash_errors(
     run, split_probs, split_images, tmp_path
 ):
     out = tmp_path / "bundled"
@@ -110,6 +111,39 @@ def test_export_errors_name_what_is_wrong(run, exported, tmp_path, capsys):
     assert export_cli.main([str(partial), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "checkpoints" in err and not (tmp_path / "out").exists()
+
+
+def test_bundled_hugging_face_backbone_loads_from_the_export_alone(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
+    source = tmp_path / "vit"
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(source)
+    original = hub.load_backbone(str(source))
+    (tmp_path / "out").mkdir()
+    names = _copy_backbone(
+        original.info["name"], original.info["weight_files"], tmp_path / "out" / "backbone"
+    )
+    assert {p.name for p in (tmp_path / "out" / "backbone").iterdir()} == {*names, "config.json"}
+    shutil.rmtree(source)  # the export must not need the original folder
+    entry = {
+        **{k: original.info[k] for k in ("name", "revision", "weight_sha256")},
+        "path": "backbone",
+        "weight_files": names,
+    }
+    loaded = _load_backbone(
+        {"backbone": entry, "dtype": "float32", "param_dtype": "float32"}, tmp_path / "out"
+    )
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.features(x), original.features(x))
 
 
 class _StagedBackbone(nnx.Module):

@@ -70,8 +70,9 @@ ARGS = ["--config", "configs/quickstart.py", "--config.image_size=32", "--config
 def _start(workdir: Path, devices: int, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "launch.train", *ARGS, "--workdir", str(workdir), *extra],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cache = f"--config.cache_dir={workdir}-features"  # not the user's cache, nor the other run's
+    command = [sys.executable, "-m", "launch.train", *ARGS, cache, "--workdir", str(workdir), *extra]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _finish(procs: list[subprocess.Popen]) -> list[str]:
