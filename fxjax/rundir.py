@@ -25,7 +25,8 @@ def prepare(workdir: str | Path) -> Path:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as err:
-        raise PermissionError(f"workdir {str(path)!r} is not writable ({err.strerror}); choose another --workdir") from err
+        raise PermissionError(
+            f"workdir {str(path)!r} is not writable ({err.strerror}); choose another --workdir") from err
     return path
 
 
@@ -97,7 +98,8 @@ def acquire_lock(workdir: Path):
         owner = handle.read().strip() or "another process"
         handle.close()
         raise WorkdirBusyError(
-            f"workdir {str(workdir)!r} is in use by a live run ({owner}); wait for it to finish or use another --workdir"
+            f"workdir {str(workdir)!r} is in use by a live run ({owner}); "
+            "wait for it to finish or use another --workdir"
         ) from None
     handle.seek(0)
     handle.truncate()

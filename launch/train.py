@@ -20,7 +20,6 @@ import logging
 import sys
 from pathlib import Path
 
-
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM with a checkpoint saved; rerun to resume
 
 

@@ -85,13 +85,19 @@ def test_loaded_classifier_reproduces_the_runs_test_predictions(run, classifier,
 
 
 def test_with_backbone_bundles_the_weights_and_a_tampered_weight_hash_errors(
-    run, split_probs, split_images, tmp_path
+    run, split_probs, split_images, tmp_path, monkeypatch
 ):
     out = tmp_path / "bundled"
     assert export_cli.main([str(run), str(out), "--with-backbone"]) == 0
     spec = json.loads((out / "classifier.json").read_text())
     assert spec["backbone"]["path"] == "backbone"
     assert [p.name for p in (out / "backbone").iterdir()] == spec["backbone"]["weight_files"]
+    from fxjax import hub
+
+    def no_package():
+        raise FileNotFoundError("weights package not installed")
+
+    monkeypatch.setattr(hub, "_efficientnet_lite0_file", no_package)  # self-contained: the package is not needed
     bundled = fxjax.load_classifier(out).predict(split_images[:8], batch_size=64)
     np.testing.assert_allclose(bundled, split_probs[:8], atol=1e-6)
 

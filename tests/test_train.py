@@ -25,7 +25,8 @@ def _classifier(frozen_stages: int, num_classes: int = 3):
 
 def _batch(n=8, size=32, seed=0):
     rng = np.random.default_rng(seed)
-    return {"x": rng.normal(size=(n, size, size, 3)).astype(np.float32), "label": rng.integers(0, 3, n).astype(np.int32)}
+    return {"x": rng.normal(size=(n, size, size, 3)).astype(np.float32),
+            "label": rng.integers(0, 3, n).astype(np.int32)}
 
 
 def _opt(**kw):

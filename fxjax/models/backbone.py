@@ -40,5 +40,6 @@ class Backbone:
 
     @property
     def feature_dim(self) -> int:
-        shape = jax.eval_shape(self._pooled, self.state, jax.ShapeDtypeStruct((1, *self.preprocess.size, 3), np.float32))
+        x = jax.ShapeDtypeStruct((1, *self.preprocess.size, 3), np.float32)
+        shape = jax.eval_shape(self._pooled, self.state, x)
         return int(shape.shape[-1])

@@ -20,7 +20,6 @@ from flax import nnx
 
 from fxjax.models.activations import activation
 from fxjax.models.convert import Rule
-from fxjax.models.layers import DepthwiseConv, PointwiseConv
 
 MODEL_TYPES = ("efficientnet",)
 
