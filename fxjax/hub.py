@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from fxjax import models, weights
@@ -103,31 +104,30 @@ def _from_hub(repo_id: str, revision: str | None) -> tuple[Path, str]:
     import huggingface_hub as hf
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    wanted = ["config.json", "preprocessor_config.json"]
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes"):
-            info = hf.HfApi().model_info(repo_id, revision=revision)
-            names = {s.rfilename for s in info.siblings or []}
-            chosen = next((f for f in WEIGHT_FILES if f in names), None)
-            if chosen is None:
-                raise FileNotFoundError(f"{repo_id}: no weight file among {', '.join(WEIGHT_FILES)} on the Hub")
-            wanted += [chosen, "model-*.safetensors" if chosen.startswith("model.") else "pytorch_model-*.bin"]
-            folder = hf.snapshot_download(repo_id, revision=info.sha, allow_patterns=wanted)
-            return Path(folder), info.sha
-        folder = hf.snapshot_download(repo_id, revision=revision, local_files_only=True)
-        return Path(folder), Path(folder).name
+        if offline:
+            folder = hf.snapshot_download(repo_id, revision=revision, local_files_only=True)
+            return Path(folder), Path(folder).name
+        info = hf.HfApi().model_info(repo_id, revision=revision)
     except (RepositoryNotFoundError, RevisionNotFoundError) as err:
         raise FileNotFoundError(
             f"unknown model id {repo_id!r}{f' at revision {revision!r}' if revision else ''} on the Hugging Face Hub "
             "(for a private or gated model, log in first: hf auth login)"
         ) from err
-    except (LocalEntryNotFoundError, OSError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
+    except (LocalEntryNotFoundError, OSError) as err:  # not cached, and offline or the Hub is unreachable
         raise FileNotFoundError(
             f"model {repo_id!r} is not in the Hugging Face cache ({hf.constants.HF_HUB_CACHE}) and the Hub cannot be "
             f"reached; on a machine with network run `hf download {repo_id}` (same HF_HOME), or pass a local folder"
         ) from err
+    names = {s.rfilename for s in info.siblings or []}
+    chosen = next((f for f in WEIGHT_FILES if f in names), None)
+    if chosen is None:
+        raise FileNotFoundError(f"{repo_id}: no weight file among {', '.join(WEIGHT_FILES)} on the Hub")
+    shards = "model-*.safetensors" if chosen.startswith("model.") else "pytorch_model-*.bin"
+    folder = hf.snapshot_download(repo_id, revision=info.sha,
+                                  allow_patterns=["config.json", "preprocessor_config.json", chosen, shards])
+    return Path(folder), info.sha
 
 
 def weight_files(folder: Path) -> Path:
@@ -192,10 +192,13 @@ def preprocess_spec(folder: Path, config) -> PreprocessSpec:
         out = (size["height"], size["width"])
         if getattr(proc, "do_center_crop", False) and crop:
             resize_shortest, out = min(out), (crop["height"], crop["width"])
-    mean = tuple(float(m) for m in (proc.image_mean if proc.do_normalize else (0.0,) * 3))
-    std = tuple(float(s) for s in (proc.image_std if proc.do_normalize else (1.0,) * 3))
+    mean = np.asarray(proc.image_mean if proc.do_normalize else (0.0,) * 3, np.float64)
+    std = np.asarray(proc.image_std if proc.do_normalize else (1.0,) * 3, np.float64)
+    # EfficientNet's processor: rescale_offset subtracts 1 after rescaling; include_top divides by std again.
+    mean = mean + (1.0 if getattr(proc, "rescale_offset", False) else 0.0)
+    std = std * (np.asarray(proc.image_std, np.float64) if getattr(proc, "include_top", False) else 1.0)
     return PreprocessSpec(
-        size=tuple(out), resize_shortest=resize_shortest, mean=mean, std=std,
+        size=tuple(out), resize_shortest=resize_shortest, mean=tuple(mean.tolist()), std=tuple(std.tolist()),
         rescale=float(proc.rescale_factor) if proc.do_rescale else 1.0,
         resample=_RESAMPLE.get(int(proc.resample), "bilinear"),
     )

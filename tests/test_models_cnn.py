@@ -190,3 +190,22 @@ def test_frozen_stages_get_no_gradient_and_stage_paths_cover_every_parameter(con
         norms[owners[0]] += float(jnp.sum(jnp.abs(grad.get_value())))
     assert norms[:frozen] == [0.0] * frozen
     assert all(n > 0 for n in norms[frozen:])
+
+
+def test_efficientnet_processor_constants_match_the_reference(tmp_path):
+    """include_top divides by std twice and rescale_offset subtracts 1: the spec must fold both in."""
+    from PIL import Image
+
+    from fxjax.data.preprocess import preprocess_image
+    from fxjax.hub import preprocess_spec
+
+    processor = transformers.EfficientNetImageProcessor(rescale_offset=True, include_top=True, do_center_crop=False,
+                                                        size={"height": 40, "width": 40})
+    processor.save_pretrained(tmp_path)
+    spec = preprocess_spec(tmp_path, transformers.EfficientNetConfig(image_size=40))
+    image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    ours = preprocess_image(image, spec)
+    reference = transformers.EfficientNetImageProcessorPil(rescale_offset=True, include_top=True,
+                                                           do_center_crop=False, size={"height": 40, "width": 40})
+    theirs = reference(Image.fromarray(image), return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)

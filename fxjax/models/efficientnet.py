@@ -20,6 +20,7 @@ from flax import nnx
 
 from fxjax.models.activations import activation
 from fxjax.models.convert import Rule
+from fxjax.models.layers import DepthwiseConv, PointwiseConv
 
 MODEL_TYPES = ("efficientnet",)
 
@@ -126,9 +127,11 @@ def _depthwise_padding(config: EfficientNetConfig, kernel: int, stride: int, fla
     return ((low, half), (low, half))
 
 
-def _conv(cin, cout, kernel, *, stride=1, groups=1, bias=False, padding="SAME", dtype, param_dtype, rngs):
-    return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=padding, feature_group_count=groups,
-                    use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+def _conv(cin, cout, kernel, *, stride=1, bias=False, padding="SAME", dtype, param_dtype, rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    if kernel == 1 and stride == 1:  # a matmul: XLA's CPU 1x1 convolution is ~5x slower
+        return PointwiseConv(cin, cout, use_bias=bias, **kw)
+    return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=padding, use_bias=bias, **kw)
 
 
 def _bn(features, config, *, dtype, param_dtype, rngs):
@@ -148,8 +151,7 @@ class MBConv(nnx.Module):
         expands = args.expand != 1
         self.expand = _conv(args.filters_in, hidden, 1, **kw) if expands else None
         self.expand_bn = _bn(hidden, config, **kw) if expands else None
-        self.depthwise = _conv(hidden, hidden, args.kernel, stride=args.stride, groups=hidden,
-                               padding=depthwise_padding, **kw)
+        self.depthwise = DepthwiseConv(hidden, args.kernel, stride=args.stride, padding=depthwise_padding, **kw)
         self.depthwise_bn = _bn(hidden, config, **kw)
         squeezed = max(1, int(args.filters_in * config.se_ratio))
         self.se_reduce = None if config.lite else _conv(hidden, squeezed, 1, bias=True, **kw)
