@@ -22,10 +22,12 @@ class MetricsWriter:
         self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_step or None)
 
     def _truncate_after(self, step: int) -> None:
-        """A resumed run redoes the steps after its checkpoint: drop their old records so none is doubled."""
+        """A resumed run redoes the steps after its checkpoint, and the final test evaluation: drop their old
+        records so none is doubled."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        records = [line for line in self.path.read_text().splitlines() if line]
+        kept = [line for line in records if json.loads(line)["step"] <= step and json.loads(line)["split"] != "test"]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)

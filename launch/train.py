@@ -88,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not primary:
         return 0
+    speed = summary["images_per_second"]  # None when a resumed run had no step left to train
     print(f"test_accuracy={summary['test_accuracy']:.4f} val_accuracy={summary['val_accuracy']:.4f} "
           f"best_step={summary['best_step']} train_seconds={summary['train_seconds']:.1f} "
-          f"images_per_second={summary['images_per_second']:.0f} workdir={args.workdir}")
+          f"images_per_second={'n/a' if speed is None else f'{speed:.0f}'} workdir={args.workdir}")
     return 0
 
 

@@ -61,10 +61,14 @@ def test_run_writes_everything_and_learns(finished_run):
     assert summary["best_step"] in steps
 
 
-def test_rerun_on_a_finished_workdir_resumes_without_training(finished_run):
+def test_rerun_on_a_finished_workdir_resumes_without_training(finished_run, capsys):
     workdir, summary = finished_run
     again = experiment.run(small_config(), workdir)
     assert again["test_accuracy"] == summary["test_accuracy"] and again["best_step"] == summary["best_step"]
+    assert again["images_per_second"] is None  # no step left to train
+    assert _cli("--workdir", str(workdir), "--config.image_size=32", "--config.num_epochs=2",
+                "--config.eval_batch_size=128") == 0
+    assert "images_per_second=n/a" in capsys.readouterr().out
 
 
 def test_stopped_midway_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, finished_run):

@@ -19,18 +19,7 @@ MODEL_TYPES = ("blip", "blip_vision_model")
 
 
 def spec(config) -> TransformerSpec:
-    vc = vision_config(config)
-    return TransformerSpec(
-        dim=vc.hidden_size,
-        depth=vc.num_hidden_layers,
-        heads=vc.num_attention_heads,
-        mlp_dim=vc.intermediate_size,
-        image_size=vc.image_size,
-        patch_size=vc.patch_size,
-        act=vc.hidden_act,
-        eps=vc.layer_norm_eps,
-        fused_qkv=True,
-    )
+    return TransformerSpec.from_hf(vision_config(config), fused_qkv=True)
 
 
 class BlipVision(VisionTransformer):

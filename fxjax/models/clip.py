@@ -44,20 +44,7 @@ def vision_config(config):
 
 
 def spec(config) -> TransformerSpec:
-    vc = vision_config(config)
-    return TransformerSpec(
-        dim=vc.hidden_size,
-        depth=vc.num_hidden_layers,
-        heads=vc.num_attention_heads,
-        mlp_dim=vc.intermediate_size,
-        image_size=vc.image_size,
-        patch_size=vc.patch_size,
-        act=vc.hidden_act,
-        eps=vc.layer_norm_eps,
-        patch_bias=False,
-        pre_norm=True,
-        batch_dims=False,
-    )
+    return TransformerSpec.from_hf(vision_config(config), patch_bias=False, pre_norm=True, batch_dims=False)
 
 
 class CLIPVision(VisionTransformer):

@@ -20,19 +20,8 @@ def spec(config) -> TransformerSpec:
     mlp_dim = int(config.hidden_size * config.mlp_ratio)
     if config.use_swiglu_ffn:  # two thirds of the MLP width, rounded up to a multiple of 8
         mlp_dim = (int(mlp_dim * 2 / 3) + 7) // 8 * 8
-    return TransformerSpec(
-        dim=config.hidden_size,
-        depth=config.num_hidden_layers,
-        heads=config.num_attention_heads,
-        mlp_dim=mlp_dim,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        act=config.hidden_act,
-        eps=config.layer_norm_eps,
-        qkv_bias=config.qkv_bias,
-        gated_mlp=config.use_swiglu_ffn,
-        layer_scale=config.layerscale_value,
-    )
+    return TransformerSpec.from_hf(config, mlp_dim=mlp_dim, qkv_bias=config.qkv_bias,
+                                   gated_mlp=config.use_swiglu_ffn, layer_scale=config.layerscale_value)
 
 
 def build(config, *, dtype, param_dtype, rngs: nnx.Rngs) -> VisionTransformer:

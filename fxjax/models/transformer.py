@@ -70,6 +70,14 @@ class TransformerSpec:
     pre_norm: bool = False  # CLIP normalises the embeddings before the first block
     batch_dims: bool = True  # tokens stored [1, 1, d] / positions [1, t, d] (else [d] / [t, d], nn.Embedding)
 
+    @classmethod
+    def from_hf(cls, config, **overrides) -> TransformerSpec:
+        """The fields every transformers vision config spells the same way; a family adds its own."""
+        fields = dict(dim=config.hidden_size, depth=config.num_hidden_layers, heads=config.num_attention_heads,
+                      mlp_dim=getattr(config, "intermediate_size", None), image_size=config.image_size,
+                      patch_size=config.patch_size, act=config.hidden_act, eps=config.layer_norm_eps)
+        return cls(**{**fields, **overrides})
+
     @property
     def prefix_tokens(self) -> int:
         return int(self.cls_token) + int(self.dist_token)

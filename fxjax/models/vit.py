@@ -26,18 +26,7 @@ ATTENTION_NAMES = {
 
 
 def spec(config) -> TransformerSpec:
-    return TransformerSpec(
-        dim=config.hidden_size,
-        depth=config.num_hidden_layers,
-        heads=config.num_attention_heads,
-        mlp_dim=config.intermediate_size,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        act=config.hidden_act,
-        eps=config.layer_norm_eps,
-        qkv_bias=config.qkv_bias,
-        dist_token=config.model_type == "deit",
-    )
+    return TransformerSpec.from_hf(config, qkv_bias=config.qkv_bias, dist_token=config.model_type == "deit")
 
 
 def build(config, *, dtype, param_dtype, rngs: nnx.Rngs) -> VisionTransformer:
