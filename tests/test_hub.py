@@ -39,7 +39,10 @@ def test_a_cached_hub_id_loads_offline_and_records_its_commit(tmp_path, monkeypa
     bb = fxjax.load_backbone("tiny-org/tiny-vit")
     assert bb.info["revision"] == SHA and bb.info["model_type"] == "vit"
     assert bb.info["weight_files"] == [str(snapshot / "model.safetensors")]
-    assert bb.features(np.zeros((1, 16, 16, 3), np.float32)).shape == (1, 32)
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    outs = bb.outputs(x)
+    np.testing.assert_array_equal(np.asarray(outs["pooled"]), np.asarray(bb.features(x)))
+    assert outs["patch_tokens"].shape == (2, 4, 32) and len(outs["hidden_states"]) == 2
 
 
 def test_offline_and_not_cached_says_what_to_download(tmp_path, monkeypatch):

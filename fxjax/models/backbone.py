@@ -33,10 +33,14 @@ class Backbone:
         """x: [n, h, w, 3] float32 normalised per `preprocess` → pooled features [n, d]."""
         return self._pooled(self.state, x)
 
+    @partial(jax.jit, static_argnums=(0,))
+    def _outputs(self, state, x):
+        return nnx.merge(self.graphdef, state)(x)
+
     def outputs(self, x) -> dict:
         """Every output of the family (pooled, hidden states, tokens or feature maps), for probes that
-        concatenate layers."""
-        return nnx.merge(self.graphdef, self.state)(x)
+        concatenate layers. Jitted: outputs nobody reads still cost memory, not extra compute passes."""
+        return self._outputs(self.state, x)
 
     @property
     def feature_dim(self) -> int:
