@@ -59,6 +59,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.sweep = ml_collections.ConfigDict()
     c.sweep.learning_rates = ()
     c.sweep.weight_decays = ()
+    # Feature variants swept alongside the pooled features (DINOv2 linear evaluation): "cls_last4",
+    # "pooled_avgpool", "cls_last4_avgpool" (ViT-family backbones). The run's own head stays on "pooled".
+    c.sweep.feature_variants = ()
     # Classic probes on the cached features: any of "ridge", "logistic" (L-BFGS), "knn".
     c.probes = ()
     # Few-shot protocol on the cached features: k examples per class, several seeds, mean ± std.
@@ -168,7 +171,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(set(c.probes) <= {"ridge", "logistic", "knn"},
           f"config.probes={tuple(c.probes)}: choose from 'ridge', 'logistic', 'knn'")
     check(c.fewshot.probe in ("ridge", "logistic"), f"config.fewshot.probe={c.fewshot.probe!r}: 'ridge' or 'logistic'")
-    needs_features = bool(c.sweep.learning_rates or c.sweep.weight_decays or c.probes or c.fewshot.ks)
+    from fxjax.models.backbone import VARIANTS
+
+    unknown = [v for v in c.sweep.feature_variants if v not in VARIANTS]
+    check(not unknown, f"config.sweep.feature_variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    needs_features = bool(c.sweep.learning_rates or c.sweep.weight_decays or c.sweep.feature_variants or c.probes
+                          or c.fewshot.ks)
     check(not needs_features or uses_cached_features(c),
           "config.sweep, config.probes and config.fewshot work on cached features: they need config.freeze='all' "
           "and config.data.augment=False")

@@ -13,19 +13,26 @@ from fxjax import probes, rundir, sweep
 SPLITS = ("train", "val", "test")
 
 
-def on_features(config, feats: dict, labels: dict, num_classes: int, mesh, workdir: Path) -> dict:
-    """Runs what the config asks for; returns summary entries (the sweep's best row, probe and few-shot results)."""
+def on_features(config, variants: dict, labels: dict, num_classes: int, mesh, workdir: Path) -> dict:
+    """Runs what the config asks for on {split: {variant: features}}; returns summary entries (the sweep's
+    best row, probe and few-shot results). Probes and few-shot use the pooled features; the sweep every
+    variant, and its best row among pooled heads gives the run's head its learning rate and weight decay."""
     out = {}
-    if config.sweep.learning_rates or config.sweep.weight_decays:
+    feats = {split: v["pooled"] for split, v in variants.items()}
+    if config.sweep.learning_rates or config.sweep.weight_decays or len(config.sweep.feature_variants) > 1:
+        names = ("pooled", *(v for v in config.sweep.feature_variants if v != "pooled"))
         result = sweep.train_sweep(
-            {"pooled": tuple(feats[s] for s in SPLITS)}, tuple(labels[s] for s in SPLITS), num_classes=num_classes,
+            {name: tuple(variants[s][name] for s in SPLITS) for name in names}, tuple(labels[s] for s in SPLITS),
+            num_classes=num_classes,
             learning_rates=tuple(config.sweep.learning_rates) or (config.optimizer.learning_rate,),
             weight_decays=tuple(config.sweep.weight_decays) or (config.optimizer.weight_decay,),
             opt_config=config.optimizer, batch_size=config.batch_size, num_epochs=config.num_epochs,
             seed=config.seed, mesh=mesh, eval_batch_size=config.eval_batch_size)
         if jax.process_index() == 0:
             sweep.write(result, workdir)
-        out["sweep"] = {**result.best, "heads": len(result.table), "seconds": result.train_seconds}
+        best_pooled = sweep.select([row for row in result.table if row["variant"] == "pooled"])
+        out["sweep"] = {**best_pooled, "best_overall": result.best, "heads": len(result.table),
+                        "seconds": result.train_seconds}
     if config.probes:
         results = [_probe(name, feats, labels, num_classes) for name in config.probes]
         if jax.process_index() == 0:

@@ -100,10 +100,11 @@ def _run(config, workdir: Path) -> dict:
         feats, labels, hits = features.cached_features(
             backbone, data, mesh=mesh, batch_size=config.eval_batch_size, cache_dir=config.cache_dir,
             dtype=config.dtype, param_dtype=config.param_dtype, worker_count=config.data.worker_count,
-            param_sharding=param_sharding)
+            param_sharding=param_sharding, variants=tuple(config.sweep.feature_variants))
         extract_seconds = time.perf_counter() - start
         extras = {"feature_cache_hits": hits,
                   **evaluation.on_features(config, feats, labels, data.num_classes, mesh, workdir)}
+        feats = {split: variants["pooled"] for split, variants in feats.items()}  # the run's head: pooled
         if "sweep" in extras:  # the grid's best (lr, wd) becomes the run's head
             config = _with_optimizer(config, extras["sweep"]["learning_rate"], extras["sweep"]["weight_decay"])
         model, frozen = head, ()

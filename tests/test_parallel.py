@@ -82,8 +82,8 @@ def test_fsdp_features_equal_replicated_features():
     batches = [{"image": images[i:i + 16], "mask": np.ones(16, bool)} for i in (0, 16)]
     batches.append({"image": np.concatenate([images[32:], images[:8]]), "mask": np.arange(16) < 8})
     backbone = Backbone(_vit(), PreprocessSpec(size=(32, 32)))
-    replicated = features.extract(backbone, iter(batches), total=40, mesh=_mesh(8, 1))
-    sharded = features.extract(backbone, iter(batches), total=40, mesh=_mesh(2, 4), param_sharding=FSDP)
+    replicated = features.extract(backbone, iter(batches), total=40, mesh=_mesh(8, 1))["pooled"]
+    sharded = features.extract(backbone, iter(batches), total=40, mesh=_mesh(2, 4), param_sharding=FSDP)["pooled"]
     assert sharded.shape == (40, 32)
     np.testing.assert_allclose(sharded, replicated, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(replicated, np.asarray(backbone.features(images)), rtol=1e-5, atol=1e-5)

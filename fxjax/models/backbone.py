@@ -6,10 +6,30 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from fxjax.data.preprocess import PreprocessSpec
+
+
+def _avgpool(outputs):  # mean of the final-normed patch tokens [n, d]
+    return jnp.mean(outputs["patch_tokens"], axis=1)
+
+
+def _cls_last4(outputs):  # CLS of each of the last 4 blocks (as in HF hidden_states), concatenated [n, 4d]
+    cls = outputs["block_cls"][:, -4:]
+    return cls.reshape(cls.shape[0], -1)
+
+
+# Feature variants for linear evaluation, DINOv2 style: computed from a family's outputs in the same pass.
+# Every family has `pooled`; the others need the ViT-family outputs `block_cls` / `patch_tokens`.
+VARIANTS = {
+    "pooled": lambda o: o["pooled"],
+    "cls_last4": _cls_last4,
+    "pooled_avgpool": lambda o: jnp.concatenate([o["pooled"], _avgpool(o)], axis=-1),
+    "cls_last4_avgpool": lambda o: jnp.concatenate([_cls_last4(o), _avgpool(o)], axis=-1),
+}
 
 
 @dataclass(eq=False)  # identity hash: the jitted methods are keyed on the instance
@@ -36,6 +56,18 @@ class Backbone:
     @partial(jax.jit, static_argnums=(0,))
     def _outputs(self, state, x):
         return nnx.merge(self.graphdef, state)(x)
+
+    @partial(jax.jit, static_argnums=(0, 3))
+    def _variants(self, state, x, names: tuple[str, ...]):
+        outputs = nnx.merge(self.graphdef, state)(x)
+        return {name: VARIANTS[name](outputs) for name in names}
+
+    def variants(self, x, names: tuple[str, ...] = ("pooled",)) -> dict:
+        """The named feature variants (see VARIANTS) of x, from one forward pass."""
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown feature variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        return self._variants(self.state, x, tuple(names))
 
     def outputs(self, x) -> dict:
         """Every output of the family (pooled, hidden states, tokens or feature maps), for probes that
