@@ -37,7 +37,7 @@ def on_features(config, variants: dict, labels: dict, num_classes: int, mesh, wo
         results = [_probe(name, feats, labels, num_classes) for name in config.probes]
         if jax.process_index() == 0:
             rundir.write_json(workdir / "probes.json", {"probes": [r.to_dict() for r in results]})
-            _write_text(workdir / "probes.md", _probes_markdown(results))
+            rundir.write_text(workdir / "probes.md", _probes_markdown(results))
         out["probes"] = {r.name: {"best": r.best, "val_accuracy": r.val_accuracy, "test_accuracy": r.test_accuracy}
                          for r in results}
     if config.fewshot.ks:
@@ -47,7 +47,7 @@ def on_features(config, variants: dict, labels: dict, num_classes: int, mesh, wo
         rows = [{**row, "probe": config.fewshot.probe, "seeds": list(config.fewshot.seeds)} for row in rows]
         if jax.process_index() == 0:
             rundir.write_json(workdir / "fewshot.json", {"rows": rows})
-            _write_text(workdir / "fewshot.md", fewshot_markdown(rows))
+            rundir.write_text(workdir / "fewshot.md", fewshot_markdown(rows))
         out["fewshot"] = {int(r["k"]): r["mean_accuracy"] for r in rows}
     return out
 
@@ -72,9 +72,3 @@ def fewshot_markdown(rows) -> str:
     lines += [f"| {r['k']} | {100 * r['mean_accuracy']:.1f} ± {100 * r['std_accuracy']:.1f} | {len(r['seeds'])} |"
               for r in rows]
     return "\n".join(lines) + "\n"
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

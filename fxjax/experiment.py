@@ -24,7 +24,7 @@ from tqdm import tqdm
 from fxjax import config as config_lib, evaluation, features, parallel, rundir
 from fxjax.checkpoint import Checkpoints, abstract
 from fxjax.data import pipeline
-from fxjax.data.sources import load_dataset
+from fxjax.data.sources import load_dataset, split_labels
 from fxjax.freeze import frozen_prefixes
 from fxjax.heads import make_head
 from fxjax.hub import load_backbone
@@ -172,8 +172,8 @@ def _run(config, workdir: Path) -> dict:
         "backbone": backbone.info["name"], "dataset": data.name, **extras,
     }
     if jax.process_index() == 0:
-        _save_npy(workdir / "test_predictions.npy", test["predictions"])
-        _save_npy(workdir / "test_labels.npy", _labels(data.splits["test"]))
+        rundir.write_npy(workdir / "test_predictions.npy", test["predictions"])
+        rundir.write_npy(workdir / "test_labels.npy", split_labels(data.splits["test"]))
         rundir.write_json(workdir / "summary.json", summary)
         _write_report(workdir, data)
     return summary
@@ -195,10 +195,6 @@ def _with_optimizer(config, learning_rate: float, weight_decay: float):
     config = ml_collections.ConfigDict(config.to_dict())
     config.optimizer.learning_rate, config.optimizer.weight_decay = learning_rate, weight_decay
     return config
-
-
-def _labels(source) -> np.ndarray:
-    return np.asarray([source.label(i) for i in range(len(source))], np.int32)
 
 
 def _check_resumable(workdir: Path, backbone, data) -> None:
@@ -226,13 +222,6 @@ def _best_first(checkpoints: Checkpoints) -> list[int]:
     best = checkpoints.best_step()
     rest = [s for s in checkpoints.manager.all_steps() if s != best]
     return rest + ([best] if best is not None else [])  # restore_newest_good tries from the end
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    tmp.replace(path)
 
 
 class _Renamed:
@@ -284,8 +273,8 @@ def _loader_states(train_iter) -> list:
     if jax.process_count() == 1:
         return [json.loads(mine)]
     encoded = np.frombuffer(mine.encode(), np.uint8)
-    longest = int(parallel.gather_host_local(np.asarray([len(encoded)])).max())
-    padded = parallel.gather_host_local(np.pad(encoded, (0, longest - len(encoded)))[None])
+    longest = int(parallel.gather(np.asarray([len(encoded)])).max())
+    padded = parallel.gather(np.pad(encoded, (0, longest - len(encoded)))[None])
     return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in padded]
 
 
@@ -293,7 +282,7 @@ def _agreed(flag: bool) -> bool:
     """True on every host when any host saw it: hosts must stop at the same step to save together."""
     if jax.process_count() == 1:
         return flag
-    return bool(parallel.gather_host_local(np.asarray([flag])).any())
+    return bool(parallel.gather(np.asarray([flag])).any())
 
 
 def _loop(config, trainer: Trainer, state: TrainState, train_iter, eval_iter, checkpoints: Checkpoints,

@@ -13,6 +13,7 @@ from tqdm import tqdm
 import fxjax
 from fxjax import cache, parallel
 from fxjax.data import pipeline
+from fxjax.data.sources import split_labels
 from fxjax.models.backbone import Backbone
 
 
@@ -22,8 +23,8 @@ def extract(backbone: Backbone, batches: Iterable[dict], *, total: int, mesh, de
     """Feature variants {name: [total, d_name]} in source order from padded, masked batches ({"image", "mask"}).
 
     The backbone state is replicated unless `param_sharding` lays it out (e.g. `sharding.fsdp_shardings`).
-    The step is the backbone's own jitted forward on inputs already placed on their shardings, so that its
-    compilation is reused by every split instead of repeated per call.
+    The step is the backbone's own jitted forward (`Backbone._variants`) on inputs already placed on their
+    shardings, so that its compilation is reused by every split instead of repeated per call.
     """
     sharding = parallel.batch_sharding(mesh)
     layout = parallel.replicated(mesh) if param_sharding is None else param_sharding(backbone.state, mesh)
@@ -34,13 +35,9 @@ def extract(backbone: Backbone, batches: Iterable[dict], *, total: int, mesh, de
               dynamic_ncols=True) as bar:
         for batch in batches:
             images = parallel.to_global({"image": batch["image"]}, sharding)["image"]
-            if variants == ("pooled",):
-                out = {"pooled": backbone._pooled(state, images)}
-            else:
-                out = backbone._variants(state, images, tuple(variants))
-            for name, value in out.items():
+            for name, value in backbone._variants(state, images, tuple(variants)).items():
                 parts[name].append(parallel.gather(value))
-            mask_parts.append(parallel.gather_host_local(batch["mask"]))
+            mask_parts.append(parallel.gather(batch["mask"]))
             bar.update(int(np.sum(batch["mask"])) * jax.process_count())
             bar.set_postfix(img_s=f"{bar.n / (time.perf_counter() - start):.0f}")
     if not mask_parts:
@@ -75,7 +72,7 @@ def cached_features(backbone: Backbone, data, *, mesh, batch_size: int, cache_di
         key = fingerprint(backbone, data, split, dtype, param_dtype, variants)
         arrays = store.get(key)
         if jax.process_count() > 1:
-            everyone_hit = parallel.gather_host_local(np.asarray([arrays is not None])).all()
+            everyone_hit = parallel.gather(np.asarray([arrays is not None])).all()
             arrays = arrays if everyone_hit else None
         hits[split] = arrays is not None
         if arrays is None:
@@ -83,7 +80,7 @@ def cached_features(backbone: Backbone, data, *, mesh, batch_size: int, cache_di
                                             worker_count=worker_count, **shard)
             arrays = extract(backbone, batches, total=len(source), mesh=mesh, desc=f"features[{split}]",
                              param_sharding=param_sharding, variants=variants)
-            arrays["labels"] = np.asarray([source.label(i) for i in range(len(source))], np.int32)
+            arrays["labels"] = split_labels(source)
             if jax.process_index() == 0:
                 store.put(key, arrays)
         feats[split] = {name: arrays[name] for name in variants}

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import jax
 
+from fxjax import rundir
+
 
 class MetricsWriter:
     def __init__(self, workdir: str | Path, *, resume_step: int = 0):
@@ -28,9 +30,7 @@ class MetricsWriter:
             return
         records = [line for line in self.path.read_text().splitlines() if line]
         kept = [line for line in records if json.loads(line)["step"] <= step and json.loads(line)["split"] != "test"]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        rundir.write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, step: int, split: str, metrics: dict) -> None:
         if not self.enabled:

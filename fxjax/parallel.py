@@ -75,15 +75,9 @@ def leaf_name(path) -> str:
     return ".".join(str(k) for k in keys)
 
 
-def gather(x: jax.Array) -> np.ndarray:
-    """A batch-sharded global array → the whole array on every host."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def gather_host_local(x: np.ndarray) -> np.ndarray:
-    """Each host's local slice → all slices concatenated in process order."""
+def gather(x) -> np.ndarray:
+    """A batch-sharded global array, or each host's local numpy slice → the whole array (slices concatenated
+    in process order) on every host."""
     if jax.process_count() == 1:
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))

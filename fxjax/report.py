@@ -13,8 +13,6 @@ import base64
 import html
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from fxjax import rundir
 from fxjax.data.preprocess import to_rgb
 
 RUN_FILES = ("config.json", "environment.json", "summary.json", "metrics.jsonl", "test_predictions.npy")
@@ -73,19 +72,6 @@ def _jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as err:
         raise RunDirError(f"{path} is unreadable ({err})") from err
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """Atomic, like rundir.write_json: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -293,10 +279,10 @@ def write_report(workdir: str | Path, *, dataset=None, max_misclassified: int = 
     fewshot = _optional_json(run.path / "fewshot.json")
 
     for name, data in figures.values():
-        write_bytes(run.path / name, data)
+        rundir.write_bytes(run.path / name, data)
     page = _report_html(run, figures, notes, sweep, fewshot)
     out = run.path / "report.html"
-    write_bytes(out, page.encode())
+    rundir.write_bytes(out, page.encode())
     return out
 
 
@@ -338,7 +324,7 @@ def compare_runs(workdirs: Sequence[str | Path], out: str | Path = "comparison")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     curves = png(val_curves_figure([(label, r.metrics) for label, r in zip(labels, runs)]))
-    write_bytes(out / "val_curves.png", curves)
+    rundir.write_bytes(out / "val_curves.png", curves)
     header = [
         "run",
         "backbone",
@@ -371,7 +357,7 @@ def compare_runs(workdirs: Sequence[str | Path], out: str | Path = "comparison")
         "<p class=note>Runs: " + ", ".join(f"<code>{html.escape(str(r.path))}</code>" for r in runs) + "</p>",
     ]
     page = out / "comparison.html"
-    write_bytes(page, _page("fxjax run comparison", body).encode())
+    rundir.write_bytes(page, _page("fxjax run comparison", body).encode())
     return page
 
 

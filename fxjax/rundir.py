@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -12,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 import jax
+import numpy as np
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets", "transformers",
             "safetensors", "numpy", "ml_collections")
@@ -30,18 +32,32 @@ def prepare(workdir: str | Path) -> Path:
     return path
 
 
-def write_json(path: str | Path, obj) -> None:
-    """Atomic: readers see the old file or the new one, never half of one."""
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Atomic: readers see the old file or the new one, never half of one (temporary name, then rename)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=_jsonable)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def write_npy(path: str | Path, array) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_bytes(path, buffer.getvalue())
 
 
 def _jsonable(obj):

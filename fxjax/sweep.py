@@ -217,6 +217,4 @@ def write(result: SweepResult, workdir: str | Path) -> None:
         mark = "**best**" if row == best else "diverged" if row["diverged"] else ""
         lines.append(f"| {mark} | {row['variant']} | {row['learning_rate']:g} | {row['weight_decay']:g} | "
                      f"{row['val_accuracy']:.4f} | {row['val_loss']:.4f} | {row['test_accuracy']:.4f} |")
-    tmp = workdir / ".sweep.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(workdir / "sweep.md")
+    rundir.write_text(workdir / "sweep.md", "\n".join(lines) + "\n")

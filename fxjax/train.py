@@ -116,7 +116,7 @@ class Trainer:
             sums, preds = self._eval(params, self.frozen, parallel.to_global(batch, self.batch_sharding))
             totals = {k: totals[k] + float(v) for k, v in sums.items()}
             predictions.append(parallel.gather(preds))
-            masks.append(parallel.gather_host_local(batch["mask"]))
+            masks.append(parallel.gather(batch["mask"]))
         count = max(totals["count"], 1.0)
         return {"accuracy": totals["correct"] / count, "loss": totals["loss"] / count, "count": int(totals["count"]),
                 "predictions": parallel.host_major(predictions, masks) if predictions else np.zeros(0, np.int64)}

@@ -211,8 +211,9 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _all_labels(source: Source) -> np.ndarray:
-    return np.fromiter((source.label(i) for i in range(len(source))), np.int64, count=len(source))
+def split_labels(source: Source) -> np.ndarray:
+    """Every label of a source, in order (int32), read without decoding images."""
+    return np.fromiter((source.label(i) for i in range(len(source))), np.int32, count=len(source))
 
 
 def _split_counts(n: int, fractions: dict[str, float]) -> dict[str, int]:
@@ -284,7 +285,7 @@ def _carve(
 ) -> tuple[dict[str, Source], dict[str, dict]]:
     """Split one source into "train" plus the named fractions; identities record the rule and the outcome."""
     if stratified:
-        parts = stratified_split(_all_labels(base), fractions, seed)
+        parts = stratified_split(split_labels(base), fractions, seed)
     else:
         parts = random_split(len(base), fractions, seed)
     rule = {"stratified": stratified, "fractions": fractions, "seed": seed}
