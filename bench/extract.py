@@ -13,6 +13,9 @@ the same run; for each model, FLOPs utilisation = model FLOP/s ÷ jnp.matmul FLO
 by XLA (`cost_analysis()["flops"]` of the lowered pooled-features function: 2 per multiply-add of every
 dot and convolution, plus elementwise work). For ViT-B/16 an analytic count (2·MACs of the patch embedding,
 QKV, output and MLP projections and the two attention matmuls) is printed beside it as a check.
+
+The CPU's fp32 multiply-add peak is measured too (`bench/fma_peak.c`, compiled with `cc -march=native`): it
+bounds what any framework can reach, and each row says what share of it 1.5x PyTorch's speed would take.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,7 +37,7 @@ import torch
 import transformers
 
 import fxjax
-from fxjax.models.backbone import Backbone
+from fxjax.xla import compiler_options
 
 
 def _vit_b16():
@@ -95,20 +99,35 @@ def median_seconds(fn: Callable[[], object], iters: int) -> float:
 
 
 def matmul_flops_per_second(n: int = 2048, iters: int = 10) -> dict[str, float]:
-    """fp32 n³ matmul throughput of jitted jnp.matmul, numpy and torch (2n³ FLOPs per product)."""
+    """fp32 n³ matmul throughput (2n³ FLOPs per product) of jitted jnp.matmul as fxjax compiles float32 work
+    (`fxjax.xla.compiler_options`) and with XLA's defaults, numpy and torch."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
     ja, jb = jnp.asarray(a), jnp.asarray(b)
-    matmul = jax.jit(jnp.matmul)
-    matmul(ja, jb).block_until_ready()
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     torch.matmul(ta, tb)
-    flops = 2.0 * n**3
-    return {
-        "jax": flops / median_seconds(lambda: matmul(ja, jb).block_until_ready(), iters),
-        "numpy": flops / median_seconds(lambda: a @ b, iters),
-        "torch": flops / median_seconds(lambda: torch.matmul(ta, tb), iters),
-    }
+    out = {}
+    for name, options in (("jax", compiler_options("float32")), ("jax (XLA defaults)", {})):
+        matmul = jax.jit(jnp.matmul, compiler_options=options)
+        matmul(ja, jb).block_until_ready()
+        out[name] = 2.0 * n**3 / median_seconds(lambda: matmul(ja, jb).block_until_ready(), iters)
+    out["numpy"] = 2.0 * n**3 / median_seconds(lambda: a @ b, iters)
+    out["torch"] = 2.0 * n**3 / median_seconds(lambda: torch.matmul(ta, tb), iters)
+    return out
+
+
+def fma_peak_flops_per_second() -> float | None:
+    """The CPU's fp32 multiply-add peak over all cores, from `bench/fma_peak.c` (None without a C compiler)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = Path(tmp) / "fma_peak"
+        source = Path(__file__).with_name("fma_peak.c")
+        try:
+            subprocess.run(["cc", "-O2", "-march=native", "-pthread", str(source), "-o", str(binary)], check=True)
+            out = subprocess.run([str(binary), str(os.cpu_count())], check=True, capture_output=True, text=True)
+        except (OSError, subprocess.CalledProcessError) as error:
+            print(f"(no FMA peak: {error})")
+            return None
+    return float(out.stdout) * 1e9
 
 
 def bench_model(name: str, batch: int, iters: int, workdir: Path) -> dict:
@@ -125,7 +144,7 @@ def bench_model(name: str, batch: int, iters: int, workdir: Path) -> dict:
     with torch.inference_mode():
         ref = reference(model(pixel_values=x_torch)).reshape(batch, -1).numpy()  # also the warm-up call
     start = time.perf_counter()
-    lowered = Backbone._pooled.lower(backbone, backbone.state, x_jax)
+    lowered = backbone._pooled.lower(backbone.state, x_jax)
     lowered.compile()
     compile_s = time.perf_counter() - start
     ours = np.asarray(backbone.features(x_jax).block_until_ready())  # warm-up call
@@ -151,6 +170,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     args = parser.parse_args()
 
+    peak = fma_peak_flops_per_second()
     matmul = matmul_flops_per_second()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,16 +182,21 @@ def main() -> None:
     print(f"CPU: {cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.devices()[0].platform}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), batch {args.batch}, fp32, "
           f"median of {args.iters}; load average {os.getloadavg()[0]:.1f} at the end\n")
-    print("fp32 matmul 2048³: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in matmul.items()) + "\n")
+    print("fp32 matmul 2048³: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in matmul.items()))
+    if peak:
+        print(f"fp32 FMA peak (bench/fma_peak.c, {os.cpu_count()} threads): {peak / 1e9:.1f} GFLOP/s")
+    print("\nUtilisation: model FLOP/s ÷ fxjax's matmul FLOP/s; \"1.5x PyTorch needs\": the FLOP/s that 1.5x "
+          "PyTorch's images/s would take, as a share of the FMA peak.\n")
     print("| model | params (M) | fxjax img/s | PyTorch img/s | fxjax / PyTorch | fxjax compile (s) "
-          "| GFLOPs / img (XLA) | fxjax FLOPs util. | PyTorch FLOPs util. | max diff / max abs |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| GFLOPs / img (XLA) | fxjax util. | PyTorch util. | 1.5x PyTorch needs | max diff / max abs |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         per_image = r["flops"] / args.batch
         util = [r["flops"] / r[k] / matmul["jax"] for k in ("fxjax_s", "torch_s")]
+        needs = f"{1.5 * r['flops'] / r['torch_s'] / peak:.0%} of peak" if peak else "n/a"
         print(f"| {r['name']} | {r['params'] / 1e6:.1f} | {args.batch / r['fxjax_s']:.1f} | "
               f"{args.batch / r['torch_s']:.1f} | {r['torch_s'] / r['fxjax_s']:.2f} | {r['compile_s']:.1f} | "
-              f"{per_image / 1e9:.2f} | {util[0]:.0%} | {util[1]:.0%} | {r['rel_diff']:.1e} |")
+              f"{per_image / 1e9:.2f} | {util[0]:.0%} | {util[1]:.0%} | {needs} | {r['rel_diff']:.1e} |")
     vit = next((r for r in rows if r["name"] == "vit-b16"), None)
     if vit is not None:
         analytic = vit_b16_flops(args.batch)

@@ -30,6 +30,7 @@ from fxjax.heads import make_head
 from fxjax.hub import load_backbone
 from fxjax.metrics import MetricsWriter
 from fxjax.sharding import fsdp_shardings
+from fxjax.xla import compiler_options
 from fxjax.train import (
     Classifier,
     FeatureBatches,
@@ -107,7 +108,7 @@ def _run(config, workdir: Path) -> dict:
         feats = {split: variants["pooled"] for split, variants in feats.items()}  # the run's head: pooled
         if "sweep" in extras:  # the grid's best (lr, wd) becomes the run's head
             config = _with_optimizer(config, extras["sweep"]["learning_rate"], extras["sweep"]["weight_decay"])
-        model, frozen = head, ()
+        model, frozen, options = head, (), compiler_options("float32")  # the head computes in float32
         train_iter = FeatureBatches(feats["train"], labels["train"], batch_size=config.batch_size,
                                     seed=config.seed, **shard)
 
@@ -115,7 +116,7 @@ def _run(config, workdir: Path) -> dict:
             return feature_eval_batches(feats[split], labels[split], config.eval_batch_size, **shard)
     else:
         model = Classifier(backbone.module, head, frozen_stages)
-        frozen = frozen_prefixes(backbone.module, frozen_stages)
+        frozen, options = frozen_prefixes(backbone.module, frozen_stages), backbone.compiler_options
         loader = pipeline.train_loader(data.splits["train"], backbone.preprocess, batch_size=config.batch_size,
                                        seed=config.seed, augment=config.data.augment,
                                        worker_count=config.data.worker_count, **shard)
@@ -128,7 +129,8 @@ def _run(config, workdir: Path) -> dict:
             return ({"x": b["image"], "label": b["label"], "mask": b["mask"]} for b in batches)
 
     trainer = Trainer(model, frozen, num_classes=data.num_classes, opt_config=config.optimizer,
-                      total_steps=total_steps, mesh=mesh, seed=config.seed, frozen_sharding=param_sharding)
+                      total_steps=total_steps, mesh=mesh, seed=config.seed, frozen_sharding=param_sharding,
+                      compiler_options=options)
     checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep)
     state = trainer.init_state()
     targets = _abstract_targets(state, trainer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +52,11 @@ class Trainer:
     """Compiled train / eval steps for `model` (called as `model(x, dropout_key=...)`) on `mesh`."""
 
     def __init__(self, model: nnx.Module, frozen: tuple[str, ...], *, num_classes: int, opt_config,
-                 total_steps: int, mesh, seed: int, frozen_sharding: parallel.ShardingFn | None = None):
+                 total_steps: int, mesh, seed: int, frozen_sharding: parallel.ShardingFn | None = None,
+                 compiler_options: dict[str, str] | None = None):
         """`frozen_sharding` lays out the frozen state (e.g. `sharding.fsdp_shardings`, so that each device
-        holds a slice of a large backbone); by default it is replicated, like the trainable state."""
+        holds a slice of a large backbone); by default it is replicated, like the trainable state.
+        `compiler_options` go to the steps' `jax.jit` (an online backbone's `Backbone.compiler_options`)."""
         self.graphdef, params, frozen_state = split_trainable(model, frozen)
         self.num_classes = num_classes
         self.label_smoothing = opt_config.label_smoothing
@@ -66,11 +69,11 @@ class Trainer:
         frozen_layout = self.repl if frozen_sharding is None else frozen_sharding(frozen_state, mesh)
         self.frozen = jax.device_put(frozen_state, frozen_layout)
         self._init_opt = jax.jit(self.tx.init, out_shardings=self.repl)
-        self._train = jax.jit(self._train_step,
-                              in_shardings=(self.repl, self.repl, frozen_layout, batch, self.repl),
-                              out_shardings=(self.repl, self.repl, self.repl), donate_argnums=(0, 1))
-        self._eval = jax.jit(self._eval_step, in_shardings=(self.repl, frozen_layout, batch),
-                             out_shardings=(self.repl, batch))
+        jit = partial(jax.jit, compiler_options=compiler_options)
+        self._train = jit(self._train_step, in_shardings=(self.repl, self.repl, frozen_layout, batch, self.repl),
+                          out_shardings=(self.repl, self.repl, self.repl), donate_argnums=(0, 1))
+        self._eval = jit(self._eval_step, in_shardings=(self.repl, frozen_layout, batch),
+                         out_shardings=(self.repl, batch))
 
     def init_state(self) -> TrainState:
         return TrainState(0, self.params_init, self._init_opt(self.params_init))

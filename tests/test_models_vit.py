@@ -346,3 +346,31 @@ def test_preprocessing_from_processor_config(saved, tmp_path, name):
     np.testing.assert_allclose(spec.mean, proc.image_mean, rtol=1e-6)
     np.testing.assert_allclose(spec.std, proc.image_std, rtol=1e-6)
     assert spec.rescale == pytest.approx(1 / 255)
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_cpu_attention_equals_dot_product_attention(n, monkeypatch):
+    """The chunked CPU attention, with a chunk that does not divide the batch, equals jax's reference."""
+    from fxjax.models import transformer
+
+    monkeypatch.setattr(transformer, "_CACHE_BYTES", 2 * 4 * 3 * 7 * 7 * 4)  # chunks of 2 examples
+    q, k, v = jax.random.normal(jax.random.key(0), (3, n, 7, 4, 8))
+    assert jax.default_backend() == "cpu"
+    np.testing.assert_allclose(transformer.attention(q, k, v), jax.nn.dot_product_attention(q, k, v),
+                               rtol=1e-5, atol=1e-6)
+    grads = [jax.grad(lambda q, f=f: f(q, k, v).sum())(q)
+             for f in (transformer.attention, jax.nn.dot_product_attention)]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+def test_float32_compiles_without_ynnpack_and_bfloat16_with_it(saved, monkeypatch):
+    """fxjax.xla.compiler_options: on CPU float32 work goes to XLA's Eigen kernels, bfloat16 dots keep YNNPACK,
+    and a user's own XLA_FLAGS setting wins."""
+    from fxjax.xla import compiler_options
+
+    x = jnp.zeros((1, 32, 32, 3))
+    for dtype, ynn in (("float32", False), ("bfloat16", True)):
+        bb = fxjax.load_backbone(str(saved("vit")[1]), dtype=dtype)
+        assert ("__ynn_fusion" in bb._pooled.lower(bb.state, x).compile().as_text()) is ynn, dtype
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+    assert compiler_options("float32") == {}

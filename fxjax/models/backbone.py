@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from fxjax.data.preprocess import PreprocessSpec
+from fxjax.xla import compiler_options
 
 
 def _avgpool(outputs):  # mean of the final-normed patch tokens [n, d]
@@ -32,33 +33,34 @@ VARIANTS = {
 }
 
 
-@dataclass(eq=False)  # identity hash: the jitted methods are keyed on the instance
+@dataclass(eq=False)  # identity semantics: each instance owns its jitted functions
 class Backbone:
     module: nnx.Module
     preprocess: PreprocessSpec
     info: dict = field(default_factory=dict)  # name, model_type, revision, weight_files, weight_sha256
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         self.graphdef, self.state = nnx.split(self.module)
+        jit = partial(jax.jit, compiler_options=self.compiler_options)
+        self._pooled = jit(lambda state, x: nnx.merge(self.graphdef, state)(x)["pooled"])
+        self._outputs = jit(lambda state, x: nnx.merge(self.graphdef, state)(x))
+        self._variants = jit(self._variants_fn, static_argnums=(2,))
+
+    @property
+    def compiler_options(self) -> dict[str, str]:
+        """XLA options for computations that run this backbone (e.g. an online training step)."""
+        return compiler_options(self.compute_dtype)
 
     @property
     def num_stages(self) -> int:
         return len(self.module.stage_paths())
 
-    @partial(jax.jit, static_argnums=(0,))
-    def _pooled(self, state, x):
-        return nnx.merge(self.graphdef, state)(x)["pooled"]
-
     def features(self, x) -> jax.Array:
         """x: [n, h, w, 3] float32 normalised per `preprocess` → pooled features [n, d]."""
         return self._pooled(self.state, x)
 
-    @partial(jax.jit, static_argnums=(0,))
-    def _outputs(self, state, x):
-        return nnx.merge(self.graphdef, state)(x)
-
-    @partial(jax.jit, static_argnums=(0, 3))
-    def _variants(self, state, x, names: tuple[str, ...]):
+    def _variants_fn(self, state, x, names: tuple[str, ...]):
         outputs = nnx.merge(self.graphdef, state)(x)
         return {name: VARIANTS[name](outputs) for name in names}
 

@@ -189,6 +189,33 @@ def layer_norm(spec: TransformerSpec, *, dtype, param_dtype, rngs: nnx.Rngs) -> 
     return nnx.LayerNorm(spec.dim, epsilon=spec.eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Softmax attention, [n, t, heads, head_dim] each → [n, t, heads, head_dim]; scores and softmax in float32.
+
+    Accelerators take `jax.nn.dot_product_attention` (fused kernels where the platform has them). On CPU the
+    batch goes through a loop in chunks whose [heads, t, t] scores stay in cache: the whole batch's scores
+    (30 MB for ViT-B/16 at batch 16) round-trip through memory three times (scores, exp, sum) and make
+    attention 2x slower than the chunked loop (bench/extract.py; docs/benchmarks.md)."""
+    if jax.default_backend() != "cpu":
+        return jax.nn.dot_product_attention(q, k, v)
+    n, t, heads, head_dim = q.shape
+    dtype = q.dtype
+
+    def one(qkv):  # a single example: [t, heads, head_dim] x 3
+        q, k, v = (a.swapaxes(0, 1) for a in qkv)  # [heads, t, head_dim]
+        scores = jnp.einsum("hqd,hkd->hqk", q * jnp.asarray(head_dim**-0.5, dtype), k,
+                            preferred_element_type=jnp.float32)
+        weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+        out = jnp.einsum("hqk,hkd->hqd", weights.astype(dtype), v, preferred_element_type=jnp.float32)
+        return (out / weights.sum(axis=-1, keepdims=True)).astype(dtype).swapaxes(0, 1)
+
+    chunk = max(1, _CACHE_BYTES // (heads * t * t * 4))
+    return jax.lax.map(one, (q, k, v), batch_size=min(chunk, n))
+
+
+_CACHE_BYTES = 8 << 20  # the scores of one chunk: about a CPU's L2
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with separate query / key / value projections (or BLIP's fused one)."""
 
@@ -210,7 +237,7 @@ class Attention(nnx.Module):
             q, k, v = (
                 f(x).reshape(n, t, self.heads, d // self.heads) for f in (self.query, self.key, self.value)
             )
-        y = jax.nn.dot_product_attention(q, k, v)  # [n, t, heads, head_dim]; logits and softmax in float32
+        y = attention(q, k, v)  # [n, t, heads, head_dim]
         return self.out(y.reshape(n, t, d))
 
 
