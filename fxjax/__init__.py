@@ -1,6 +1,6 @@
 """fxjax: transfer learning by feature extraction in JAX/Flax."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):

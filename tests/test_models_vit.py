@@ -374,3 +374,17 @@ def test_float32_compiles_without_ynnpack_and_bfloat16_with_it(saved, monkeypatc
         assert ("__ynn_fusion" in bb._pooled.lower(bb.state, x).compile().as_text()) is ynn, dtype
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
     assert compiler_options("float32") == {}
+
+
+def test_block_cls_normed_is_dinov2s_intermediate_layers_with_norm(saved):
+    """`block_cls_normed` (behind the cls_last4 variants) = the final layernorm applied to each block's output,
+    then its CLS token, as DINOv2's `get_intermediate_layers(norm=True)` gives them to its linear evaluation."""
+    model, folder = saved("dinov2")
+    x = _images()
+    ref = _run_reference("dinov2", model, x)
+    with torch.no_grad():
+        normed = torch.stack([model.layernorm(h)[:, 0] for h in ref.hidden_states[1:]], 1)
+    bb = fxjax.load_backbone(str(folder))
+    assert _max_diff(_outputs(bb, x)["block_cls_normed"], normed) <= 1e-4
+    cls_last4 = bb.variants(x, ("cls_last4",))["cls_last4"]  # 2 blocks here: all of them, concatenated
+    assert _max_diff(cls_last4, normed.reshape(2, -1)) <= 1e-4

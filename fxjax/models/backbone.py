@@ -18,13 +18,15 @@ def _avgpool(outputs):  # mean of the final-normed patch tokens [n, d]
     return jnp.mean(outputs["patch_tokens"], axis=1)
 
 
-def _cls_last4(outputs):  # CLS of each of the last 4 blocks (as in HF hidden_states), concatenated [n, 4d]
-    cls = outputs["block_cls"][:, -4:]
+def _cls_last4(outputs):  # final-normed CLS of each of the last 4 blocks, concatenated [n, 4d]
+    cls = outputs["block_cls_normed"][:, -4:]
     return cls.reshape(cls.shape[0], -1)
 
 
-# Feature variants for linear evaluation, DINOv2 style: computed from a family's outputs in the same pass.
-# Every family has `pooled`; the others need the ViT-family outputs `block_cls` / `patch_tokens`.
+# Feature variants for linear evaluation as DINOv2's (`dinov2/eval/linear.py`): the final norm applied to each
+# of the last 4 blocks' outputs, their CLS tokens concatenated, optionally with the average-pooled patch tokens
+# of the last block; computed from a family's outputs in the same pass. Every family has `pooled`; the others
+# need the ViT-family outputs `block_cls_normed` / `patch_tokens`.
 VARIANTS = {
     "pooled": lambda o: o["pooled"],
     "cls_last4": _cls_last4,

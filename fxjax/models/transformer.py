@@ -13,7 +13,9 @@ Outputs of `VisionTransformer.__call__` (every family):
   patch_tokens       [n, patches, d]  final-normed patch tokens (prefix tokens removed)
   block_cls          [n, layers, d]   CLS token of each block's output, pre-final-norm (a model with no CLS
                                       token — SigLIP — gives each block's mean token instead)
-Take "CLS of the last N blocks" as `block_cls[:, -N:]`.
+  block_cls_normed   [n, layers, d]   the same through the final norm, as DINOv2's linear evaluation takes
+                                      them (`get_intermediate_layers(norm=True)`)
+Take "CLS of the last N blocks" as `block_cls[:, -N:]` (or `block_cls_normed[:, -N:]`).
 """
 
 from __future__ import annotations
@@ -324,9 +326,10 @@ class VisionTransformer(nnx.Module):
             hidden.append(h)
         out = {key: boundary(v, len(self.blocks) + 1) for key, v in self.finish(h).items()}
         k = self.spec.prefix_tokens
-        cls = [y[:, 0] if k else jnp.mean(y, axis=1) for y in hidden[1:]]
+        cls = jnp.stack([y[:, 0] if k else jnp.mean(y, axis=1) for y in hidden[1:]], axis=1)  # [n, layers, d]
         out["patch_tokens"] = out.pop("normed")[:, k:]
-        return out | {"hidden_states": tuple(hidden), "block_cls": jnp.stack(cls, axis=1)}
+        # LayerNorm acts per token: norming the stacked CLS tokens = norming each block's output, then its CLS.
+        return out | {"hidden_states": tuple(hidden), "block_cls": cls, "block_cls_normed": self.norm(cls)}
 
 
 # ---- conversion helpers: each accepts the PyTorch name (`weight`, transposed) and the HF Flax one (`kernel`,
