@@ -1,6 +1,7 @@
 """Feature-extraction speed of fxjax vs transformers' PyTorch models on the same weights; prints markdown.
 
     python bench/extract.py [--models vit-b16 resnet50 efficientnet-b0 dinov2-s] [--batch 32] [--iters 5]
+        [--dtype float32|bfloat16]
 
 Each model is built in PyTorch from a default-sized transformers config, saved with `save_pretrained` and
 loaded by `fxjax.load_backbone`, so both sides run the same weights. PyTorch runs under
@@ -110,7 +111,7 @@ def matmul_flops_per_second(n: int = 2048, iters: int = 10) -> dict[str, float]:
     for name, options in (("jax", compiler_options("float32")), ("jax (XLA defaults)", {})):
         matmul = jax.jit(jnp.matmul, compiler_options=options)
         matmul(ja, jb).block_until_ready()
-        out[name] = 2.0 * n**3 / median_seconds(lambda: matmul(ja, jb).block_until_ready(), iters)
+        out[name] = 2.0 * n**3 / median_seconds(lambda f=matmul: f(ja, jb).block_until_ready(), iters)
     out["numpy"] = 2.0 * n**3 / median_seconds(lambda: a @ b, iters)
     out["torch"] = 2.0 * n**3 / median_seconds(lambda: torch.matmul(ta, tb), iters)
     return out
@@ -130,24 +131,25 @@ def fma_peak_flops_per_second() -> float | None:
     return float(out.stdout) * 1e9
 
 
-def bench_model(name: str, batch: int, iters: int, workdir: Path) -> dict:
+def bench_model(name: str, batch: int, iters: int, workdir: Path, dtype: str = "float32") -> dict:
     make, reference = MODELS[name]
     torch.manual_seed(0)
     model = make().eval()
     folder = workdir / name
     model.save_pretrained(folder)
-    backbone = fxjax.load_backbone(str(folder))
+    backbone = fxjax.load_backbone(str(folder), dtype=dtype, param_dtype=dtype)
+    model = model.to(getattr(torch, dtype))
     size = backbone.preprocess.size
     x = np.random.default_rng(0).standard_normal((batch, 3, *size)).astype(np.float32)  # NCHW
-    x_torch, x_jax = torch.from_numpy(x), jnp.asarray(x.transpose(0, 2, 3, 1))
+    x_torch, x_jax = torch.from_numpy(x).to(getattr(torch, dtype)), jnp.asarray(x.transpose(0, 2, 3, 1))
 
     with torch.inference_mode():
-        ref = reference(model(pixel_values=x_torch)).reshape(batch, -1).numpy()  # also the warm-up call
+        ref = reference(model(pixel_values=x_torch)).reshape(batch, -1).float().numpy()  # also the warm-up call
     start = time.perf_counter()
     lowered = backbone._pooled.lower(backbone.state, x_jax)
     lowered.compile()
     compile_s = time.perf_counter() - start
-    ours = np.asarray(backbone.features(x_jax).block_until_ready())  # warm-up call
+    ours = np.asarray(backbone.features(x_jax).block_until_ready(), np.float32)  # warm-up call
 
     # Alternate the two so that a shared machine's load falls on both alike.
     torch_times, fxjax_times = [], []
@@ -168,6 +170,8 @@ def main() -> None:
                         choices=sorted(MODELS))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="compute and parameter dtype of both frameworks (the goals are for float32)")
     args = parser.parse_args()
 
     peak = fma_peak_flops_per_second()
@@ -175,12 +179,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            rows.append(bench_model(name, args.batch, args.iters, Path(tmp)))
+            rows.append(bench_model(name, args.batch, args.iters, Path(tmp), args.dtype))
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"CPU: {cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.devices()[0].platform}), "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), batch {args.batch}, fp32, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), batch {args.batch}, {args.dtype}, "
           f"median of {args.iters}; load average {os.getloadavg()[0]:.1f} at the end\n")
     print("fp32 matmul 2048³: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in matmul.items()))
     if peak:
@@ -193,7 +197,7 @@ def main() -> None:
     for r in rows:
         per_image = r["flops"] / args.batch
         util = [r["flops"] / r[k] / matmul["jax"] for k in ("fxjax_s", "torch_s")]
-        needs = f"{1.5 * r['flops'] / r['torch_s'] / peak:.0%} of peak" if peak else "n/a"
+        needs = f"{1.5 * r['flops'] / r['torch_s'] / peak:.0%} of peak" if peak and args.dtype == "float32" else "n/a"
         print(f"| {r['name']} | {r['params'] / 1e6:.1f} | {args.batch / r['fxjax_s']:.1f} | "
               f"{args.batch / r['torch_s']:.1f} | {r['torch_s'] / r['fxjax_s']:.2f} | {r['compile_s']:.1f} | "
               f"{per_image / 1e9:.2f} | {util[0]:.0%} | {util[1]:.0%} | {needs} | {r['rel_diff']:.1e} |")

@@ -30,7 +30,6 @@ from fxjax.heads import make_head
 from fxjax.hub import load_backbone
 from fxjax.metrics import MetricsWriter
 from fxjax.sharding import fsdp_shardings
-from fxjax.xla import compiler_options
 from fxjax.train import (
     Classifier,
     FeatureBatches,
@@ -108,7 +107,7 @@ def _run(config, workdir: Path) -> dict:
         feats = {split: variants["pooled"] for split, variants in feats.items()}  # the run's head: pooled
         if "sweep" in extras:  # the grid's best (lr, wd) becomes the run's head
             config = _with_optimizer(config, extras["sweep"]["learning_rate"], extras["sweep"]["weight_decay"])
-        model, frozen, options = head, (), compiler_options("float32")  # the head computes in float32
+        model, frozen, options = head, (), {}  # a head alone: XLA's defaults
         train_iter = FeatureBatches(feats["train"], labels["train"], batch_size=config.batch_size,
                                     seed=config.seed, **shard)
 
