@@ -1,5 +1,6 @@
-"""Parity of the ViT-family backbones (vit, deit, dinov2, clip, siglip, blip) with the transformers
-PyTorch reference, on tiny random checkpoints written by `save_pretrained`, loaded with `load_backbone`."""
+"""Parity of the ViT-family backbones (vit, deit, dinov2, dinov2_with_registers, clip, siglip, blip) with the
+transformers PyTorch reference, on tiny random checkpoints written by `save_pretrained`, loaded with
+`load_backbone`."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def _full(config_cls, text_cls, vision_cls, **kw):
     )
 
 
+REGISTERS = 4
+
 # case → (reference model factory, whether its vision tower sits under `.vision_model`)
 CASES = {
     "vit": (lambda: T.ViTModel(T.ViTConfig(**VISION)), False),
@@ -48,6 +51,12 @@ CASES = {
     "dinov2": (lambda: T.Dinov2Model(T.Dinov2Config(**VISION, mlp_ratio=2)), False),
     "dinov2_swiglu": (
         lambda: T.Dinov2Model(T.Dinov2Config(**VISION, mlp_ratio=2, use_swiglu_ffn=True)),
+        False,
+    ),
+    "dinov2_with_registers": (
+        lambda: T.Dinov2WithRegistersModel(
+            T.Dinov2WithRegistersConfig(**VISION, mlp_ratio=2, num_register_tokens=REGISTERS)
+        ),
         False,
     ),
     "clip_vision_model": (lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**VISION)), False),
@@ -61,12 +70,17 @@ CASES = {
     "blip": (lambda: T.BlipModel(_full(T.BlipConfig, T.BlipTextConfig, T.BlipVisionConfig)), True),
 }
 CLS_POOLED = ("vit", "deit")  # pooled = final-norm CLS; the others use the reference's pooler_output
+# tokens before the patch tokens (CLS first where there is one); 1 (CLS) for the cases not listed
+PREFIX_TOKENS = {"deit": 2, "dinov2_with_registers": 1 + REGISTERS, "siglip": 0, "siglip_vision_model": 0}
 
 
 def _reference(name: str):
     torch.manual_seed(0)
-    factory, _ = CASES[name]
-    model = factory().eval()
+    return _perturbed(CASES[name][0]())
+
+
+def _perturbed(model):
+    model.eval()
     with torch.no_grad():  # move every weight off its init (ones, zeros) so that no mapping hides
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -126,7 +140,7 @@ def test_features_match_reference(saved, name):
 
 
 @pytest.mark.parametrize(
-    "name", ["vit", "deit", "dinov2", "clip", "siglip_vision_model", "blip_vision_model"]
+    "name", ["vit", "deit", "dinov2", "dinov2_with_registers", "clip", "siglip_vision_model", "blip_vision_model"]
 )
 def test_every_output_matches_reference(saved, name):
     model, folder = saved(name)
@@ -139,7 +153,7 @@ def test_every_output_matches_reference(saved, name):
     assert len(out["hidden_states"]) == len(ref.hidden_states) == 3
     for ours, theirs in zip(out["hidden_states"], ref.hidden_states, strict=True):  # embeddings, middle, last
         assert _max_diff(ours, theirs) <= 1e-4
-    prefix = 0 if name.startswith("siglip") else 2 if name == "deit" else 1
+    prefix = PREFIX_TOKENS.get(name, 1)
     cls = [h[:, 0] if prefix else h.mean(1) for h in ref.hidden_states[1:]]
     assert _max_diff(out["block_cls"], torch.stack(cls, 1)) <= 1e-4
     assert out["patch_tokens"].shape == (2, 16, 32)
@@ -158,6 +172,8 @@ def test_every_output_matches_reference(saved, name):
         ("vit", (48, 48)),
         ("deit", (24, 40)),
         ("dinov2", (48, 40)),
+        ("dinov2_with_registers", (48, 40)),
+        ("dinov2_with_registers", (24, 56)),  # its reference resizes with antialiasing: down- and upsample
         ("clip", (40, 40)),
         ("siglip_vision_model", (48, 24)),
         ("blip_vision_model", (56, 56)),
@@ -167,11 +183,27 @@ def test_interpolated_positions_match_reference(saved, name, size):
     model, folder = saved(name)
     bb = fxjax.load_backbone(str(folder))
     x = _images(1, *size, seed=1)
-    kw = {} if name == "dinov2" else {"interpolate_pos_encoding": True}  # DINOv2 always interpolates
+    kw = {} if name.startswith("dinov2") else {"interpolate_pos_encoding": True}  # DINOv2 always interpolates
     ref = _run_reference(name, model, x, **kw)
     out = _outputs(bb, x)
     assert _max_diff(out["last_hidden_state"], ref.last_hidden_state) <= 1e-4
     assert _max_diff(out["pooled"], _ref_pooled(name, ref)) <= 1e-4
+
+
+def test_registers_classifier_checkpoint(tmp_path):
+    """A Dinov2WithRegistersForImageClassification checkpoint (backbone under `dinov2_with_registers.`) loads, and
+    `pooled_avgpool` is its classifier's input: CLS and the mean of the patch tokens, registers left out."""
+    torch.manual_seed(0)
+    config = T.Dinov2WithRegistersConfig(**VISION, mlp_ratio=2, num_register_tokens=REGISTERS, num_labels=3)
+    model = _perturbed(T.Dinov2WithRegistersForImageClassification(config))
+    model.save_pretrained(tmp_path)
+    x = _images()
+    with torch.no_grad():
+        logits = model(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).logits
+    feats = fxjax.load_backbone(str(tmp_path)).variants(x, ("pooled_avgpool",))["pooled_avgpool"]
+    head = model.classifier
+    ours = np.asarray(feats) @ head.weight.detach().numpy().T + head.bias.detach().numpy()
+    assert _max_diff(ours, logits) <= 1e-4
 
 
 def test_image_size_not_divisible_by_patch(saved):
@@ -252,7 +284,7 @@ def test_unsupported_model_type_lists_supported(tmp_path):
     ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="unsupported model_type 'bert'") as err:
         fxjax.load_backbone(str(tmp_path))
-    for model_type in ("vit", "deit", "dinov2", "clip", "clip_vision_model", "siglip", "blip"):
+    for model_type in ("vit", "deit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model", "siglip", "blip"):
         assert model_type in str(err.value)
 
 

@@ -20,6 +20,7 @@ FAMILIES: dict[str, str] = {
     "vit": "fxjax.models.vit",
     "deit": "fxjax.models.vit",
     "dinov2": "fxjax.models.dinov2",
+    "dinov2_with_registers": "fxjax.models.dinov2",
     "clip": "fxjax.models.clip",
     "clip_vision_model": "fxjax.models.clip",
     "siglip": "fxjax.models.siglip",

@@ -68,6 +68,8 @@ class TransformerSpec:
     layer_scale: float | None = None  # DINOv2's per-channel residual scale (initial value)
     cls_token: bool = True
     dist_token: bool = False  # DeiT's distillation token, after the CLS token
+    register_tokens: int = 0  # DINOv2-with-registers' extra tokens after CLS, with no position embedding
+    antialias_positions: bool = False  # resize positions as PyTorch's `antialias=True` (DINOv2 with registers)
     patch_bias: bool = True
     pre_norm: bool = False  # CLIP normalises the embeddings before the first block
     batch_dims: bool = True  # tokens stored [1, 1, d] / positions [1, t, d] (else [d] / [t, d], nn.Embedding)
@@ -81,44 +83,63 @@ class TransformerSpec:
         return cls(**{**fields, **overrides})
 
     @property
-    def prefix_tokens(self) -> int:
+    def class_tokens(self) -> int:
+        """Prefix tokens that have a position embedding (CLS, distillation)."""
         return int(self.cls_token) + int(self.dist_token)
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patch tokens: class tokens, then registers."""
+        return self.class_tokens + self.register_tokens
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
 
 
-def bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+def bicubic_matrix(size_in: int, size_out: int, antialias: bool = False) -> np.ndarray:
     """[size_out, size_in] weights of PyTorch's `F.interpolate(mode="bicubic", align_corners=False)` along one
     axis (Keys kernel, a=-0.75, border-clamped taps, no antialiasing), which every reference uses to resize
-    position embeddings; `jax.image.resize` differs (a=-0.5, antialiased downsampling)."""
-    a = -0.75
+    position embeddings; `jax.image.resize` differs (a=-0.5, antialiased downsampling). `antialias`: PyTorch's
+    `antialias=True` instead (DINOv2 with registers), a different filter even when upsampling: a=-0.5, widened
+    by the scale when downsampling, taps outside the input dropped and the rest renormalised."""
+    a = -0.5 if antialias else -0.75
 
-    def near(t):  # |t| <= 1
-        return ((a + 2) * t - (a + 3)) * t * t + 1
-
-    def far(t):  # 1 < |t| < 2
-        return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    def keys(t):  # the cubic kernel at distance t
+        t = abs(t)
+        if t <= 1:
+            return ((a + 2) * t - (a + 3)) * t * t + 1
+        if t < 2:
+            return ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+        return 0.0
 
     weights = np.zeros((size_out, size_in), np.float64)
     scale = size_in / size_out
+    stretch = max(scale, 1.0) if antialias else 1.0
     for i in range(size_out):
+        if antialias:  # PyTorch's `_compute_weights_aa`
+            center = scale * (i + 0.5)
+            lo, hi = max(int(center - 2 * stretch + 0.5), 0), min(int(center + 2 * stretch + 0.5), size_in)
+            w = np.array([keys((j - center + 0.5) / stretch) for j in range(lo, hi)])
+            weights[i, lo:hi] = w / w.sum()
+            continue
         src = scale * (i + 0.5) - 0.5
         base = math.floor(src)
         t = src - base
-        for offset, w in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t)), strict=True):
-            weights[i, min(max(base + offset, 0), size_in - 1)] += w
+        for offset in (-1, 0, 1, 2):
+            weights[i, min(max(base + offset, 0), size_in - 1)] += keys(offset - t)
     return weights
 
 
-def resize_positions(pos: jax.Array, grid_in: tuple[int, int], grid_out: tuple[int, int]) -> jax.Array:
+def resize_positions(
+    pos: jax.Array, grid_in: tuple[int, int], grid_out: tuple[int, int], antialias: bool = False
+) -> jax.Array:
     """Patch position embeddings [..., gh*gw, d], row-major on `grid_in` → on `grid_out` (in float32)."""
     if grid_in == grid_out:
         return pos
     lead, dim = pos.shape[:-2], pos.shape[-1]
-    wh = jnp.asarray(bicubic_matrix(grid_in[0], grid_out[0]), jnp.float32)  # [gh', gh]
-    ww = jnp.asarray(bicubic_matrix(grid_in[1], grid_out[1]), jnp.float32)  # [gw', gw]
+    wh = jnp.asarray(bicubic_matrix(grid_in[0], grid_out[0], antialias), jnp.float32)  # [gh', gh]
+    ww = jnp.asarray(bicubic_matrix(grid_in[1], grid_out[1], antialias), jnp.float32)  # [gw', gw]
     table = pos.astype(jnp.float32).reshape(*lead, *grid_in, dim)
     out = jnp.einsum("ah,bw,...hwd->...abd", wh, ww, table, precision=jax.lax.Precision.HIGHEST)
     return out.reshape(*lead, grid_out[0] * grid_out[1], dim).astype(pos.dtype)
@@ -150,8 +171,9 @@ class PatchEmbed(nnx.Module):
 
 
 class Embeddings(nnx.Module):
-    """Patch tokens with the prefix tokens (CLS, distillation) in front, plus position embeddings, resized
-    (bicubic, as the references do) when the input's patch grid differs from the checkpoint's."""
+    """Patch tokens with the class tokens (CLS, distillation) in front, plus position embeddings, resized
+    (bicubic, as the references do) when the input's patch grid differs from the checkpoint's; then the
+    register tokens, if any, between the class tokens and the patches (they have no position embedding)."""
 
     def __init__(self, spec: TransformerSpec, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.spec, self.dtype = spec, dtype
@@ -164,7 +186,11 @@ class Embeddings(nnx.Module):
         self.dist_token = (
             nnx.Param(init(rngs.params(), token_shape, param_dtype)) if spec.dist_token else None
         )
-        positions = (spec.prefix_tokens + spec.grid**2, spec.dim)
+        self.register_tokens = (
+            nnx.Param(init(rngs.params(), (1, spec.register_tokens, spec.dim), param_dtype))
+            if spec.register_tokens else None
+        )
+        positions = (spec.class_tokens + spec.grid**2, spec.dim)
         self.position = nnx.Param(
             init(rngs.params(), (1, *positions) if spec.batch_dims else positions, param_dtype)
         )
@@ -174,15 +200,20 @@ class Embeddings(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         tokens, grid = self.patch_embed(x)  # [n, p, d]
-        n, k, dim = tokens.shape[0], self.spec.prefix_tokens, self.spec.dim
+        n, k, dim = tokens.shape[0], self.spec.class_tokens, self.spec.dim
         pos = self.position[...].reshape(1, -1, dim)  # [1, k + g*g, d]
-        patch_pos = resize_positions(pos[:, k:], (self.spec.grid, self.spec.grid), grid)
+        grid_in = (self.spec.grid, self.spec.grid)
+        patch_pos = resize_positions(pos[:, k:], grid_in, grid, self.spec.antialias_positions)
         if k:
             prefix = [t[...].reshape(1, 1, dim) for t in (self.cls_token, self.dist_token) if t is not None]
             prefix = jnp.broadcast_to(jnp.concatenate(prefix, axis=1).astype(self.dtype), (n, k, dim))
             tokens = jnp.concatenate([prefix, tokens], axis=1)  # [n, k + p, d]
         pos = jnp.concatenate([pos[:, :k], patch_pos], axis=1).astype(self.dtype)
         tokens = tokens + pos
+        if self.register_tokens is not None:
+            r = self.spec.register_tokens
+            registers = jnp.broadcast_to(self.register_tokens[...].astype(self.dtype), (n, r, dim))
+            tokens = jnp.concatenate([tokens[:, :k], registers, tokens[:, k:]], axis=1)  # [n, k + r + p, d]
         return self.pre_norm(tokens) if self.pre_norm is not None else tokens
 
 
