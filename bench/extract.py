@@ -25,7 +25,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from machine import fma_peak_flops_per_second
 
 import fxjax
 from fxjax.xla import compiler_options
@@ -115,20 +115,6 @@ def matmul_flops_per_second(n: int = 2048, iters: int = 10) -> dict[str, float]:
     out["numpy"] = 2.0 * n**3 / median_seconds(lambda: a @ b, iters)
     out["torch"] = 2.0 * n**3 / median_seconds(lambda: torch.matmul(ta, tb), iters)
     return out
-
-
-def fma_peak_flops_per_second() -> float | None:
-    """The CPU's fp32 multiply-add peak over all cores, from `bench/fma_peak.c` (None without a C compiler)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        binary = Path(tmp) / "fma_peak"
-        source = Path(__file__).with_name("fma_peak.c")
-        try:
-            subprocess.run(["cc", "-O2", "-march=native", "-pthread", str(source), "-o", str(binary)], check=True)
-            out = subprocess.run([str(binary), str(os.cpu_count())], check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as error:
-            print(f"(no FMA peak: {error})")
-            return None
-    return float(out.stdout) * 1e9
 
 
 def bench_model(name: str, batch: int, iters: int, workdir: Path, dtype: str = "float32") -> dict:

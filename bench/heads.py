@@ -26,6 +26,7 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from machine import copy_bytes_per_second, fma_peak_flops_per_second
 
 import fxjax
 from fxjax import parallel
@@ -124,6 +125,7 @@ def main() -> None:
 
     rows, best_acc = bench_sweep(args, mesh)
     modes = bench_modes(args, mesh)
+    peak, bandwidth = fma_peak_flops_per_second(), copy_bytes_per_second()
 
     print(f"jax {jax.__version__} on {len(jax.devices())} {jax.devices()[0].platform} device(s), "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n")
@@ -136,6 +138,19 @@ def main() -> None:
     for (name, seconds, steps), heads in zip(rows, (args.heads, 1, 1, args.heads)):
         print(f"| {name} | {steps} | {seconds:.2f} | {seconds / steps * 1e3:.2f} | {seconds / base:.2f}x | "
               f"{seconds / heads / base:.3f}x |")
+    if peak:
+        # What no implementation can beat on this machine: per step, the forward and the weight-gradient
+        # matmuls of every head (2 x 2·b·d·c·H FLOPs) at the FMA peak, plus reading and writing each head's
+        # parameters and two Adam moments once (6 x 4 bytes per weight) at the copy bandwidth; on top of the
+        # one-head sweep's own time (feeding the batches, which 64 heads need just the same).
+        steps, weights = rows[0][2], args.heads * (args.dim + 1) * args.classes
+        flops = steps * 2 * 2 * args.batch * args.dim * args.classes * args.heads
+        floor = flops / peak + steps * 6 * 4 * weights / bandwidth
+        print(f"\nFloor for {args.heads} heads here: {flops / 1e9:.0f} GFLOP at the fp32 FMA peak "
+              f"({peak / 1e9:.0f} GFLOP/s) + optimizer-state traffic at {bandwidth / 1e9:.0f} GB/s = "
+              f"{floor:.2f} s on top of the one-head sweep's {base:.2f} s: at best "
+              f"{(floor + base) / base:.2f}x a sweep of 1 head, {(floor + base) / rows[2][1]:.2f}x "
+              f"`Trainer` + `Head`.")
     ratio = modes["online_s"] / modes["cached_s"]
     print(f"\n(b) one epoch on digits (train split, n={modes['n']}, {modes['steps']} steps of "
           f"{args.online_batch}), efficientnet-lite0 at {modes['size'][0]} px, one linear head. Online: "
