@@ -166,6 +166,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             rows.append(bench_model(name, args.batch, args.iters, Path(tmp), args.dtype))
+    if peak:  # a shared machine's throughput drifts: the best of a measurement before and one after
+        peak = max(peak, fma_peak_flops_per_second() or 0.0)
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())

@@ -13,7 +13,7 @@ from flax import nnx
 
 from fxjax.models.activations import activation
 from fxjax.models.convert import Rule
-from fxjax.models.layers import DepthwiseConv
+from fxjax.models.layers import DepthwiseConv, dot_general
 
 MODEL_TYPES = ("convnext",)
 INNER_NORM_EPS = 1e-6  # fixed in the reference for every LayerNorm but the final one (config.layer_norm_eps)
@@ -33,8 +33,8 @@ class Block(nnx.Module):
         # Shifted-copy sum, not a grouped nnx.Conv: XLA's CPU grouped convolution is several times slower.
         self.dwconv = DepthwiseConv(dim, 7, padding=((3, 3), (3, 3)), use_bias=True, **kw)
         self.layernorm = _layer_norm(dim, INNER_NORM_EPS, **kw)
-        self.pwconv1 = nnx.Linear(dim, 4 * dim, **kw)
-        self.pwconv2 = nnx.Linear(4 * dim, dim, **kw)
+        self.pwconv1 = nnx.Linear(dim, 4 * dim, dot_general=dot_general, **kw)
+        self.pwconv2 = nnx.Linear(4 * dim, dim, dot_general=dot_general, **kw)
         self.activation = activation(config.hidden_act)
         self.layer_scale = (nnx.Param(jnp.full((dim,), config.layer_scale_init_value, param_dtype))
                             if config.layer_scale_init_value > 0 else None)

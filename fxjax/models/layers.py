@@ -4,8 +4,25 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+    """`lax.dot_general` summing in float32 whatever the operands' dtype, the result in their dtype.
+
+    What accelerators do inside a bfloat16 matmul anyway; on CPU it selects YNNPACK's AMX / AVX512-BF16 kernels,
+    3.5x faster than a bfloat16-output dot (which runs at Eigen's speed). For float32 operands it is plain
+    `lax.dot_general`. Pass as `nnx.Linear(..., dot_general=dot_general)`."""
+    out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                              preferred_element_type=jnp.float32, **kwargs)
+    return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
+
+
+def matmul(x, y):
+    """`x @ y` through `dot_general` above (float32 sums, result in the operands' dtype)."""
+    return dot_general(x, y, (((x.ndim - 1,), (0,)), ((), ())))
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -57,5 +74,5 @@ class PointwiseConv(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):  # [..., in] → [..., out]
-        y = jnp.matmul(x.astype(self.dtype), self.kernel[...][0, 0].astype(self.dtype))
+        y = matmul(x.astype(self.dtype), self.kernel[...][0, 0].astype(self.dtype))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)

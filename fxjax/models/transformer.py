@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from fxjax.models.convert import Rule
+from fxjax.models.layers import dot_general, matmul
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": partial(jax.nn.gelu, approximate=False),
@@ -164,7 +165,7 @@ class PatchEmbed(nnx.Module):
         grid = (h // p, w // p)
         x = x.reshape(n, grid[0], p, grid[1], p, c).transpose(0, 1, 3, 2, 4, 5)  # [n, gh, gw, p, p, c]
         x = x.reshape(n, grid[0] * grid[1], p * p * c).astype(self.dtype)
-        y = x @ self.kernel[...].reshape(p * p * c, -1).astype(self.dtype)  # [n, gh*gw, d]
+        y = matmul(x, self.kernel[...].reshape(p * p * c, -1).astype(self.dtype))  # [n, gh*gw, d]
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y, grid
@@ -253,7 +254,7 @@ class Attention(nnx.Module):
     """Multi-head self-attention with separate query / key / value projections (or BLIP's fused one)."""
 
     def __init__(self, spec: TransformerSpec, *, dtype, param_dtype, rngs: nnx.Rngs):
-        linear = partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        linear = partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, dot_general=dot_general, rngs=rngs)
         d, bias = spec.dim, spec.qkv_bias
         self.heads = spec.heads
         self.qkv = linear(d, 3 * d, use_bias=bias) if spec.fused_qkv else None
@@ -276,7 +277,7 @@ class Attention(nnx.Module):
 
 class Mlp(nnx.Module):
     def __init__(self, spec: TransformerSpec, *, dtype, param_dtype, rngs: nnx.Rngs):
-        linear = partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        linear = partial(nnx.Linear, dtype=dtype, param_dtype=param_dtype, dot_general=dot_general, rngs=rngs)
         self.gated = spec.gated_mlp
         self.act = activation("silu" if spec.gated_mlp else spec.act)
         self.fc1 = linear(spec.dim, spec.mlp_dim * (2 if spec.gated_mlp else 1))
