@@ -55,7 +55,7 @@ def _load_efficientnet_lite0(dtype, param_dtype, path: Path | None = None) -> Ba
             "weight_files": [str(path)], "weight_sha256": weights.sha256_files([path])}
     # The TF-Lite recipe these weights were trained with: RGB at 224 px, (x - 127) / 128.
     preprocess = PreprocessSpec(size=(224, 224), mean=(127.0,) * 3, std=(128.0,) * 3, rescale=1.0)
-    return Backbone(module, preprocess, info, str(dtype))
+    return Backbone(module, preprocess, info, dtype)
 
 
 def _load_pixels(dtype, param_dtype, path: Path | None = None) -> Backbone:
@@ -63,7 +63,7 @@ def _load_pixels(dtype, param_dtype, path: Path | None = None) -> Backbone:
 
     info = {"name": "pixels", "model_type": "pixels", "revision": None, "weight_files": [], "weight_sha256": None}
     preprocess = PreprocessSpec(size=(8, 8), mean=(0.5,) * 3, std=(0.5,) * 3)
-    return Backbone(Pixels(dtype=dtype), preprocess, info, str(dtype))
+    return Backbone(Pixels(dtype=dtype), preprocess, info, dtype)
 
 
 # Built-in names: the offline default, and raw pixels (the baseline that shows what transfer buys).
@@ -163,7 +163,7 @@ def load_folder(folder: Path, *, name: str | None = None, revision: str | None =
     shards = _shards(weight_file)
     info = {"name": name or str(folder), "model_type": config.model_type, "revision": revision,
             "weight_files": [str(p) for p in shards], "weight_sha256": weights.sha256_files(shards)}
-    return Backbone(module, preprocess_spec(folder, config), info, str(jnp.dtype(dtype)))
+    return Backbone(module, preprocess_spec(folder, config), info, dtype)
 
 
 def preprocess_spec(folder: Path, config) -> PreprocessSpec:

@@ -40,14 +40,18 @@ class Backbone:
     module: nnx.Module
     preprocess: PreprocessSpec
     info: dict = field(default_factory=dict)  # name, model_type, revision, weight_files, weight_sha256
-    compute_dtype: str = "float32"
+    compute_dtype: str | jnp.dtype = "float32"  # what the module computes in; picks the XLA options
 
     def __post_init__(self):
         self.graphdef, self.state = nnx.split(self.module)
         jit = partial(jax.jit, compiler_options=self.compiler_options)
-        self._pooled = jit(lambda state, x: nnx.merge(self.graphdef, state)(x)["pooled"])
-        self._outputs = jit(lambda state, x: nnx.merge(self.graphdef, state)(x))
-        self._variants = jit(self._variants_fn, static_argnums=(2,))
+        self._pooled = jit(lambda state, x: self._forward(state, x)["pooled"])
+        self._outputs = jit(self._forward)
+        self._variants = jit(lambda state, x, names: {n: VARIANTS[n](self._forward(state, x)) for n in names},
+                             static_argnums=(2,))
+
+    def _forward(self, state, x) -> dict:
+        return nnx.merge(self.graphdef, state)(x)
 
     @property
     def compiler_options(self) -> dict[str, str]:
@@ -61,10 +65,6 @@ class Backbone:
     def features(self, x) -> jax.Array:
         """x: [n, h, w, 3] float32 normalised per `preprocess` → pooled features [n, d]."""
         return self._pooled(self.state, x)
-
-    def _variants_fn(self, state, x, names: tuple[str, ...]):
-        outputs = nnx.merge(self.graphdef, state)(x)
-        return {name: VARIANTS[name](outputs) for name in names}
 
     def variants(self, x, names: tuple[str, ...] = ("pooled",)) -> dict:
         """The named feature variants (see VARIANTS) of x, from one forward pass."""

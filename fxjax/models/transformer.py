@@ -223,6 +223,9 @@ def layer_norm(spec: TransformerSpec, *, dtype, param_dtype, rngs: nnx.Rngs) -> 
     return nnx.LayerNorm(spec.dim, epsilon=spec.eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
+_CACHE_BYTES = 8 << 20  # the scores of one attention chunk on CPU: about a CPU's L2
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Softmax attention, [n, t, heads, head_dim] each → [n, t, heads, head_dim]; scores and softmax in float32.
 
@@ -245,9 +248,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
     chunk = max(1, _CACHE_BYTES // (heads * t * t * 4))
     return jax.lax.map(one, (q, k, v), batch_size=min(chunk, n))
-
-
-_CACHE_BYTES = 8 << 20  # the scores of one chunk: about a CPU's L2
 
 
 class Attention(nnx.Module):
