@@ -38,11 +38,11 @@ import transformers
 from flax import nnx
 
 from fxjax import parallel
+from fxjax.backbones.families import dinov2, vit
+from fxjax.backbones.transformer import TransformerSpec
 from fxjax.config import default_config
-from fxjax.heads import Head
-from fxjax.models import dinov2, vit
-from fxjax.models.transformer import TransformerSpec
-from fxjax.train import Trainer
+from fxjax.heads.engine import Trainer
+from fxjax.heads.heads import Head
 
 # Dense bf16 peak FLOP/s per chip, by `device_kind` (lower-cased, first match wins).
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (

@@ -38,7 +38,7 @@ import transformers
 from machine import fma_peak_flops_per_second
 
 import fxjax
-from fxjax.xla import compiler_options
+from fxjax.backbones.xla import compiler_options
 
 
 def _vit_b16():
@@ -101,7 +101,7 @@ def median_seconds(fn: Callable[[], object], iters: int) -> float:
 
 def matmul_flops_per_second(n: int = 2048, iters: int = 10) -> dict[str, float]:
     """fp32 n³ matmul throughput (2n³ FLOPs per product) of jitted jnp.matmul as fxjax compiles float32 work
-    (`fxjax.xla.compiler_options`) and with XLA's defaults, numpy and torch."""
+    (`fxjax.backbones.xla.compiler_options`) and with XLA's defaults, numpy and torch."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
     ja, jb = jnp.asarray(a), jnp.asarray(b)

@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/heads.py [--n-train 20000] [--dim 1280] [--classes 10] [--batch 256]
         [--epochs 5] [--heads 64] [--online-batch 64] [--online-batches 3]
 
-(a) `fxjax.sweep.train_sweep` with `--heads` heads (a learning-rate x weight-decay grid) vs the same sweep
+(a) `fxjax.heads.sweep.train_sweep` with `--heads` heads (a learning-rate x weight-decay grid) vs the same sweep
 with one head, on the same synthetic features, batches and steps; the current one-head path (`Trainer` +
 `Head` on `FeatureBatches`, as `experiment.run` trains in cached mode) is timed beside them. Times exclude
 compilation.
@@ -31,12 +31,12 @@ from machine import copy_bytes_per_second, fma_peak_flops_per_second
 import fxjax
 from fxjax import parallel
 from fxjax.config import default_config, frozen_stages
-from fxjax.data import pipeline
+from fxjax.data import images as pipeline
 from fxjax.data.sources import load_dataset
-from fxjax.freeze import frozen_prefixes
-from fxjax.heads import Head
-from fxjax.sweep import train_sweep
-from fxjax.train import Classifier, FeatureBatches, Trainer
+from fxjax.heads.engine import Classifier, FeatureBatches, Trainer
+from fxjax.heads.freeze import frozen_prefixes
+from fxjax.heads.heads import Head
+from fxjax.heads.sweep import train_sweep
 
 
 def synthetic(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

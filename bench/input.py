@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from fxjax.data.pipeline import train_loader
+from fxjax.data.images import train_loader
 from fxjax.data.preprocess import PreprocessSpec
 from fxjax.data.sources import load_dataset
 

@@ -19,7 +19,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from threadpoolctl import threadpool_limits
 
-from fxjax import probes
+from fxjax.evaluate import probes
 
 
 def make_features(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

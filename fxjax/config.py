@@ -171,7 +171,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(set(c.probes) <= {"ridge", "logistic", "knn"},
           f"config.probes={tuple(c.probes)}: choose from 'ridge', 'logistic', 'knn'")
     check(c.fewshot.probe in ("ridge", "logistic"), f"config.fewshot.probe={c.fewshot.probe!r}: 'ridge' or 'logistic'")
-    from fxjax.models.backbone import VARIANTS
+    from fxjax.backbones.backbone import VARIANTS
 
     unknown = [v for v in c.sweep.feature_variants if v not in VARIANTS]
     check(not unknown, f"config.sweep.feature_variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")

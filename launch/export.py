@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         help="copy the backbone's weight files too, so loading needs no download",
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from fxjax.export import export
+    from fxjax.runs.export import export
 
     try:
         out = export(args.workdir, args.out, with_backbone=args.with_backbone)

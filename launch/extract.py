@@ -14,9 +14,10 @@ from launch.train import load_config_file, parse_args
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv, workdir_required=False)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from fxjax import cache, config as config_lib, features, parallel
+    from fxjax import config as config_lib, parallel
+    from fxjax.backbones.hub import load_backbone
     from fxjax.data.sources import load_dataset
-    from fxjax.hub import load_backbone
+    from fxjax.features import extract as features, store as cache
 
     try:
         config = load_config_file(args.config)

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be positive")
-    from fxjax.export import load_classifier
+    from fxjax.runs.export import load_classifier
 
     paths = expand(args.images)
     if not paths:

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.out is not None and len(args.workdirs) == 1:
         parser.error("--out is for comparisons; a single run's report is written into its workdir")
-    from fxjax import report
+    from fxjax.runs import report
 
     try:
         if len(args.workdirs) == 1:

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     import jax
 
-    from fxjax import distributed
+    from fxjax.parallel import distributed
 
     # Before anything asks JAX for its devices; a plain single process skips it.
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, cluster=args.distributed)
@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if primary else logging.WARNING, format="%(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from fxjax import config as config_lib, experiment
-    from fxjax.rundir import WorkdirBusyError
-    from fxjax.train import NonFiniteLossError
+    from fxjax import config as config_lib
+    from fxjax.heads.engine import NonFiniteLossError
+    from fxjax.runs import experiment
+    from fxjax.runs.rundir import WorkdirBusyError
 
     try:
         config = load_config_file(args.config)

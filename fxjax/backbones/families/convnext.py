@@ -1,0 +1,130 @@
+"""ConvNeXt in Flax NNX, in Hugging Face `ConvNextModel` naming (facebook/convnext-*).
+
+Held as embeddings (patchify conv + LayerNorm) → stages (optional LayerNorm + 2x2 downsampling conv, then
+blocks) → final LayerNorm on the pooled features, so that freezing is counted in stages. Drop-path is the
+identity at inference and is left out.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fxjax.backbones.activations import activation
+from fxjax.backbones.convert import Rule
+from fxjax.backbones.layers import DepthwiseConv, dot_general
+
+MODEL_TYPES = ("convnext",)
+INNER_NORM_EPS = 1e-6  # fixed in the reference for every LayerNorm but the final one (config.layer_norm_eps)
+
+
+def _layer_norm(features: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Two-pass variance, as torch computes it: the final norm's eps (1e-12) cannot hide E[x²]-E[x]²'s error.
+    return nnx.LayerNorm(features, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
+                         rngs=rngs)
+
+
+class Block(nnx.Module):
+    """Depthwise 7x7 → LayerNorm → Linear 4x → activation → Linear → × layer scale → + input."""
+
+    def __init__(self, dim: int, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        # Shifted-copy sum, not a grouped nnx.Conv: XLA's CPU grouped convolution is several times slower.
+        self.dwconv = DepthwiseConv(dim, 7, padding=((3, 3), (3, 3)), use_bias=True, **kw)
+        self.layernorm = _layer_norm(dim, INNER_NORM_EPS, **kw)
+        self.pwconv1 = nnx.Linear(dim, 4 * dim, dot_general=dot_general, **kw)
+        self.pwconv2 = nnx.Linear(4 * dim, dim, dot_general=dot_general, **kw)
+        self.activation = activation(config.hidden_act)
+        self.layer_scale = (nnx.Param(jnp.full((dim,), config.layer_scale_init_value, param_dtype))
+                            if config.layer_scale_init_value > 0 else None)
+        self.dtype = dtype
+
+    def __call__(self, x):  # [n, h, w, dim]
+        y = self.pwconv2(self.activation(self.pwconv1(self.layernorm(self.dwconv(x)))))
+        if self.layer_scale is not None:
+            y = y * self.layer_scale[...].astype(self.dtype)
+        return x + y
+
+
+class Stage(nnx.Module):
+    def __init__(self, cin: int, cout: int, stride: int, depth: int, config, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        downsamples = cin != cout or stride > 1
+        self.downsample_norm = _layer_norm(cin, INNER_NORM_EPS, **kw) if downsamples else None
+        self.downsample = (nnx.Conv(cin, cout, (stride, stride), strides=stride, padding="VALID", **kw)
+                           if downsamples else None)
+        self.layers = nnx.List([Block(cout, config, **kw) for _ in range(depth)])
+
+    def __call__(self, x):  # [n, h, w, cin] → [n, h / stride, w / stride, cout]
+        if self.downsample is not None:
+            x = self.downsample(self.downsample_norm(x))
+        for block in self.layers:
+            x = block(x)
+        return x
+
+
+class ConvNext(nnx.Module):
+    """Outputs `pooled` [n, hidden_sizes[-1]] (HF `pooler_output`: global average of the last stage, then the
+    final LayerNorm), `feature_map` (last stage) and `hidden_states` (embeddings, then each stage: HF's)."""
+
+    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        patch, width = config.patch_size, config.hidden_sizes[0]
+        self.patch_embeddings = nnx.Conv(config.num_channels, width, (patch, patch), strides=patch,
+                                         padding="VALID", **kw)
+        self.embeddings_norm = _layer_norm(width, INNER_NORM_EPS, **kw)
+        stages, cin = [], width
+        for i in range(config.num_stages):
+            cout = config.hidden_sizes[i]
+            stages.append(Stage(cin, cout, 2 if i > 0 else 1, config.depths[i], config, **kw))
+            cin = cout
+        self.stages = nnx.List(stages)
+        self.layernorm = _layer_norm(cin, config.layer_norm_eps, **kw)
+
+    def stage_paths(self) -> list[tuple[str, ...]]:
+        """Module-path prefixes of each stage, input to output: embeddings, each stage, the final norm."""
+        stages = [(f"stages.{i}",) for i in range(len(self.stages))]
+        return [("patch_embeddings", "embeddings_norm"), *stages, ("layernorm",)]
+
+    def __call__(self, x, *, frozen_stages: int = 0) -> dict:
+        """x: [n, h, w, c] normalised. What leaves the first `frozen_stages` stages carries no gradient."""
+        def boundary(y, index):
+            return jax.lax.stop_gradient(y) if index < frozen_stages else y
+
+        x = boundary(self.embeddings_norm(self.patch_embeddings(x)), 0)  # [n, h / patch, w / patch, width]
+        hidden = [x]
+        for i, stage in enumerate(self.stages):
+            x = boundary(stage(x), i + 1)
+            hidden.append(x)
+        pooled = boundary(self.layernorm(jnp.mean(x, axis=(1, 2))), len(self.stages) + 1)
+        return {"pooled": pooled, "feature_map": x, "hidden_states": tuple(hidden)}
+
+
+def build(config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> ConvNext:
+    """The module for a transformers `ConvNextConfig`."""
+    return ConvNext(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def conversion_rules(config) -> list[Rule]:
+    """HF names (`ConvNextModel`, or `ConvNextForImageClassification` under `convnext.`) → module paths."""
+    p = r"(?:convnext\.)?"
+    norm = {"weight": "scale", "bias": "bias"}
+    layer = rf"{p}encoder\.stages\.(\d+)\.layers\.(\d+)"
+    down = rf"{p}encoder\.stages\.(\d+)\.downsampling_layer"
+    rules = [Rule(r"classifier\..*", None)]  # ImageNet classifier unused
+    rules += [Rule(rf"{p}embeddings\.patch_embeddings\.weight", "patch_embeddings.kernel", "conv"),
+              Rule(rf"{p}embeddings\.patch_embeddings\.bias", "patch_embeddings.bias"),
+              Rule(rf"{down}\.1\.weight", r"stages.\1.downsample.kernel", "conv"),
+              Rule(rf"{down}\.1\.bias", r"stages.\1.downsample.bias"),
+              Rule(rf"{layer}\.dwconv\.weight", r"stages.\1.layers.\2.dwconv.kernel", "conv"),
+              Rule(rf"{layer}\.dwconv\.bias", r"stages.\1.layers.\2.dwconv.bias"),
+              Rule(rf"{layer}\.(pwconv[12])\.weight", r"stages.\1.layers.\2.\3.kernel", "dense"),
+              Rule(rf"{layer}\.(pwconv[12])\.bias", r"stages.\1.layers.\2.\3.bias"),
+              Rule(rf"{layer}\.layer_scale_parameter", r"stages.\1.layers.\2.layer_scale")]
+    for theirs, ours in ((rf"{p}embeddings\.layernorm", "embeddings_norm"), (rf"{p}layernorm", "layernorm"),
+                         (rf"{down}\.0", r"stages.\1.downsample_norm"),
+                         (rf"{layer}\.layernorm", r"stages.\1.layers.\2.layernorm")):
+        rules += [Rule(rf"{theirs}\.{k}", f"{ours}.{v}") for k, v in norm.items()]
+    return rules

@@ -1,0 +1,1 @@
+"""Feature extraction (`extract`) and the on-disk feature cache (`store`)."""

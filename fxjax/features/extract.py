@@ -1,0 +1,89 @@
+"""Feature extraction: one pass of a frozen backbone over a split, batched and sharded over devices."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+import fxjax
+from fxjax import parallel
+from fxjax.backbones.backbone import Backbone
+from fxjax.data import images as pipeline
+from fxjax.data.sources import split_labels
+from fxjax.features import store as cache
+
+
+def extract(backbone: Backbone, batches: Iterable[dict], *, total: int, mesh, desc: str = "features",
+            param_sharding: parallel.ShardingFn | None = None,
+            variants: tuple[str, ...] = ("pooled",)) -> dict[str, np.ndarray]:
+    """Feature variants {name: [total, d_name]} in source order from padded, masked batches ({"image", "mask"}).
+
+    The backbone state is replicated unless `param_sharding` lays it out (e.g. `sharding.fsdp_shardings`).
+    The step is the backbone's own jitted forward (`Backbone._variants`) on inputs already placed on their
+    shardings, so that its compilation is reused by every split instead of repeated per call.
+    """
+    sharding = parallel.batch_sharding(mesh)
+    layout = parallel.replicated(mesh) if param_sharding is None else param_sharding(backbone.state, mesh)
+    state = jax.device_put(backbone.state, layout)
+    parts, mask_parts = {name: [] for name in variants}, []
+    start = time.perf_counter()
+    with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=jax.process_index() != 0,
+              dynamic_ncols=True) as bar:
+        for batch in batches:
+            images = parallel.to_global({"image": batch["image"]}, sharding)["image"]
+            for name, value in backbone._variants(state, images, tuple(variants)).items():
+                parts[name].append(parallel.gather(value))
+            mask_parts.append(parallel.gather(batch["mask"]))
+            bar.update(int(np.sum(batch["mask"])) * jax.process_count())
+            bar.set_postfix(img_s=f"{bar.n / (time.perf_counter() - start):.0f}")
+    if not mask_parts:
+        return {name: np.zeros((0, backbone.feature_dim), np.float32) for name in variants}
+    return {name: parallel.host_major(p, mask_parts).astype(np.float32) for name, p in parts.items()}
+
+
+def fingerprint(backbone: Backbone, data, split: str, dtype: str, param_dtype: str,
+                variants: tuple[str, ...] = ("pooled",)) -> dict:
+    """Everything that changes a split's features; the feature-cache key."""
+    info = backbone.info
+    return {"backbone": info["name"], "revision": info["revision"], "weight_sha256": info["weight_sha256"],
+            "preprocess": backbone.preprocess.to_dict(), "dataset": data.name, "split": split,
+            "split_fingerprint": data.fingerprint[split], "outputs": sorted(variants), "dtype": dtype,
+            "param_dtype": param_dtype, "code": fxjax.__version__, "format": cache.FORMAT}
+
+
+def cached_features(backbone: Backbone, data, *, mesh, batch_size: int, cache_dir: str | None, dtype: str,
+                    param_dtype: str, worker_count: int = 0, param_sharding: parallel.ShardingFn | None = None,
+                    variants: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
+    """Features (pooled, plus any extra `variants`) and labels of every split, from the on-disk cache or
+    extracted once into it.
+
+    → (features {split: {variant: [n, d]}}, labels {split: [n]}, hits {split: bool}). Every host computes
+    when any host misses, since extraction is a collective step all hosts must enter.
+    """
+    variants = ("pooled", *(v for v in variants if v != "pooled"))
+    store = cache.FeatureCache(cache.cache_root(cache_dir))
+    shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
+    feats, labels, hits = {}, {}, {}
+    for split, source in data.splits.items():
+        key = fingerprint(backbone, data, split, dtype, param_dtype, variants)
+        arrays = store.get(key)
+        if jax.process_count() > 1:
+            everyone_hit = parallel.gather(np.asarray([arrays is not None])).all()
+            arrays = arrays if everyone_hit else None
+        hits[split] = arrays is not None
+        if arrays is None:
+            batches = pipeline.eval_batches(source, backbone.preprocess, batch_size=batch_size,
+                                            worker_count=worker_count, **shard)
+            arrays = extract(backbone, batches, total=len(source), mesh=mesh, desc=f"features[{split}]",
+                             param_sharding=param_sharding, variants=variants)
+            arrays["labels"] = split_labels(source)
+            if jax.process_index() == 0:
+                store.put(key, arrays)
+        feats[split] = {name: arrays[name] for name in variants}
+        labels[split] = np.asarray(arrays["labels"])
+    return feats, labels, hits
