@@ -56,9 +56,12 @@ PEAK_FLOPS: tuple[tuple[str, float], ...] = (
 
 MODELS = {
     "vit-b16": (vit, lambda: transformers.ViTConfig()),
-    "dinov2-l": (dinov2, lambda: transformers.Dinov2Config(hidden_size=1024, num_hidden_layers=24,
-                                                             num_attention_heads=16, patch_size=14,
-                                                             image_size=518, mlp_ratio=4)),
+    "dinov2-l": (
+        dinov2,
+        lambda: transformers.Dinov2Config(
+            hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=518, mlp_ratio=4
+        ),
+    ),
 }
 
 
@@ -106,18 +109,36 @@ def bench_extraction(name: str, batch: int, size: int, iters: int, device) -> di
     compile_s = time.perf_counter() - start
     jax.block_until_ready(compiled(state, x))  # warm-up
     seconds = _median_seconds(lambda: compiled(state, x), iters)
-    return {"name": name, "params": sum(v.size for v in jax.tree.leaves(state)), "spec": family.spec(config),
-            "seconds": seconds, "compile_s": compile_s, "xla_flops": _xla_flops(compiled)}
+    return {
+        "name": name,
+        "params": sum(v.size for v in jax.tree.leaves(state)),
+        "spec": family.spec(config),
+        "seconds": seconds,
+        "compile_s": compile_s,
+        "xla_flops": _xla_flops(compiled),
+    }
 
 
 def bench_head(dim: int, classes: int, batch: int, steps: int, device) -> float:
     """Steps per second of the cached-features head step, after a compiling warm-up step."""
     opt = default_config().optimizer
-    trainer = Trainer(Head(dim, classes, rngs=nnx.Rngs(0)), (), num_classes=classes, opt_config=opt,
-                      total_steps=steps + 1, mesh=parallel.make_mesh(devices=[device]), seed=0)
+    trainer = Trainer(
+        Head(dim, classes, rngs=nnx.Rngs(0)),
+        (),
+        num_classes=classes,
+        opt_config=opt,
+        total_steps=steps + 1,
+        mesh=parallel.make_mesh(devices=[device]),
+        seed=0,
+    )
     rng = np.random.default_rng(0)
-    batches = [{"x": rng.normal(size=(batch, dim)).astype(np.float32),
-                "label": rng.integers(0, classes, batch).astype(np.int32)} for _ in range(min(steps, 8))]
+    batches = [
+        {
+            "x": rng.normal(size=(batch, dim)).astype(np.float32),
+            "label": rng.integers(0, classes, batch).astype(np.int32),
+        }
+        for _ in range(min(steps, 8))
+    ]
     state, _ = trainer.train_step(trainer.init_state(), batches[0])
     start = time.perf_counter()
     for i in range(steps):
@@ -140,26 +161,35 @@ def main() -> None:
     device = jax.devices()[0]
     peak = args.peak or peak_flops(device.device_kind)
     rows = [bench_extraction(name, args.batch, args.size, args.iters, device) for name in args.models]
-    heads = {dim: bench_head(dim, args.classes, args.head_batch, args.head_steps, device)
-             for dim in dict.fromkeys(r["spec"].dim for r in rows)}
+    heads = {
+        dim: bench_head(dim, args.classes, args.head_batch, args.head_steps, device)
+        for dim in dict.fromkeys(r["spec"].dim for r in rows)
+    }
 
     peak_text = f"{peak / 1e12:.0f} TFLOP/s" if peak else "unknown"
-    print(f"Device: {device.device_kind} ({device.platform}), 1 of {jax.device_count()}; "
-          f"jax {jax.__version__}; bf16 peak {peak_text}; batch {args.batch}, {args.size} px, "
-          f"median of {args.iters}\n")
-    print("| model | device | params (M) | img/s | GFLOP/img (analytic) | XLA / analytic | TFLOP/s | MFU "
-          "| compile (s) |")
+    print(
+        f"Device: {device.device_kind} ({device.platform}), 1 of {jax.device_count()}; "
+        f"jax {jax.__version__}; bf16 peak {peak_text}; batch {args.batch}, {args.size} px, "
+        f"median of {args.iters}\n"
+    )
+    print(
+        "| model | device | params (M) | img/s | GFLOP/img (analytic) | XLA / analytic | TFLOP/s | MFU | compile (s) |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         flops = analytic_flops(r["spec"], args.size)
         achieved = flops * args.batch / r["seconds"]
         ratio = f"{r['xla_flops'] / (flops * args.batch):.3f}" if r["xla_flops"] else "n/a"
         mfu = f"{achieved / peak:.1%}" if peak else "n/a"
-        print(f"| {r['name']} | {device.device_kind} | {r['params'] / 1e6:.1f} "
-              f"| {args.batch / r['seconds']:.1f} | {flops / 1e9:.2f} | {ratio} | {achieved / 1e12:.3f} "
-              f"| {mfu} | {r['compile_s']:.1f} |")
-    print(f"\nHead training on cached features (linear head, {args.classes} classes, AdamW, float32, "
-          f"batch {args.head_batch}, {args.head_steps} steps):\n")
+        print(
+            f"| {r['name']} | {device.device_kind} | {r['params'] / 1e6:.1f} "
+            f"| {args.batch / r['seconds']:.1f} | {flops / 1e9:.2f} | {ratio} | {achieved / 1e12:.3f} "
+            f"| {mfu} | {r['compile_s']:.1f} |"
+        )
+    print(
+        f"\nHead training on cached features (linear head, {args.classes} classes, AdamW, float32, "
+        f"batch {args.head_batch}, {args.head_steps} steps):\n"
+    )
     print("| features | device | steps/s | examples/s |")
     print("|---:|---|---:|---:|")
     for dim, steps_per_s in heads.items():

@@ -52,8 +52,9 @@ def _dinov2_s():
 
 def _efficientnet_b0():
     # EfficientNetConfig() defaults to B7 (width 2.0, depth 3.1, 600 px); these are google/efficientnet-b0's.
-    config = transformers.EfficientNetConfig(width_coefficient=1.0, depth_coefficient=1.0, image_size=224,
-                                             hidden_dim=1280, dropout_rate=0.2)
+    config = transformers.EfficientNetConfig(
+        width_coefficient=1.0, depth_coefficient=1.0, image_size=224, hidden_dim=1280, dropout_rate=0.2
+    )
     model = transformers.EfficientNetModel(config)
     # Its init draws conv and BatchNorm scales from N(0, 0.02): activations decay through float32 denormals
     # (slow on CPU) to exact zeros. Unit-gain weights keep them normal, as trained weights are.
@@ -144,20 +145,30 @@ def bench_model(name: str, batch: int, iters: int, workdir: Path, dtype: str = "
             torch_times.append(seconds(lambda: model(pixel_values=x_torch)))
         fxjax_times.append(seconds(lambda: backbone.features(x_jax).block_until_ready()))
     params = sum(p.numel() for p in model.parameters())
-    return {"name": name, "params": params, "torch_s": statistics.median(torch_times),
-            "fxjax_s": statistics.median(fxjax_times), "compile_s": compile_s,
-            "flops": lowered.cost_analysis()["flops"],
-            "rel_diff": float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))}
+    return {
+        "name": name,
+        "params": params,
+        "torch_s": statistics.median(torch_times),
+        "fxjax_s": statistics.median(fxjax_times),
+        "compile_s": compile_s,
+        "flops": lowered.cost_analysis()["flops"],
+        "rel_diff": float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref))),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["vit-b16", "resnet50", "efficientnet-b0", "dinov2-s"],
-                        choices=sorted(MODELS))
+    parser.add_argument(
+        "--models", nargs="+", default=["vit-b16", "resnet50", "efficientnet-b0", "dinov2-s"], choices=sorted(MODELS)
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                        help="compute and parameter dtype of both frameworks (the goals are for float32)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute and parameter dtype of both frameworks (the goals are for float32)",
+    )
     args = parser.parse_args()
 
     peak = fma_peak_flops_per_second()
@@ -169,32 +180,48 @@ def main() -> None:
     if peak:  # a shared machine's throughput drifts: the best of a measurement before and one after
         peak = max(peak, fma_peak_flops_per_second() or 0.0)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    print(f"CPU: {cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.devices()[0].platform}), "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), batch {args.batch}, {args.dtype}, "
-          f"median of {args.iters}; load average {os.getloadavg()[0]:.1f} at the end\n")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    print(
+        f"CPU: {cpu}, {os.cpu_count()} cores; jax {jax.__version__} ({jax.devices()[0].platform}), "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), batch {args.batch}, {args.dtype}, "
+        f"median of {args.iters}; load average {os.getloadavg()[0]:.1f} at the end\n"
+    )
     print("fp32 matmul 2048³: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in matmul.items()))
     if peak:
         print(f"fp32 FMA peak (bench/fma_peak.c, {os.cpu_count()} threads): {peak / 1e9:.1f} GFLOP/s")
-    print("\nUtilisation: model FLOP/s ÷ fxjax's matmul FLOP/s; \"1.5x PyTorch needs\": the FLOP/s that 1.5x "
-          "PyTorch's images/s would take, as a share of the FMA peak.\n")
-    print("| model | params (M) | fxjax img/s | PyTorch img/s | fxjax / PyTorch | fxjax compile (s) "
-          "| GFLOPs / img (XLA) | fxjax util. | PyTorch util. | 1.5x PyTorch needs | max diff / max abs |")
+    print(
+        '\nUtilisation: model FLOP/s ÷ fxjax\'s matmul FLOP/s; "1.5x PyTorch needs": the FLOP/s that 1.5x '
+        "PyTorch's images/s would take, as a share of the FMA peak.\n"
+    )
+    print(
+        "| model | params (M) | fxjax img/s | PyTorch img/s | fxjax / PyTorch | fxjax compile (s) "
+        "| GFLOPs / img (XLA) | fxjax util. | PyTorch util. | 1.5x PyTorch needs | max diff / max abs |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         per_image = r["flops"] / args.batch
         util = [r["flops"] / r[k] / matmul["jax"] for k in ("fxjax_s", "torch_s")]
         needs = f"{1.5 * r['flops'] / r['torch_s'] / peak:.0%} of peak" if peak and args.dtype == "float32" else "n/a"
-        print(f"| {r['name']} | {r['params'] / 1e6:.1f} | {args.batch / r['fxjax_s']:.1f} | "
-              f"{args.batch / r['torch_s']:.1f} | {r['torch_s'] / r['fxjax_s']:.2f} | {r['compile_s']:.1f} | "
-              f"{per_image / 1e9:.2f} | {util[0]:.0%} | {util[1]:.0%} | {needs} | {r['rel_diff']:.1e} |")
+        print(
+            f"| {r['name']} | {r['params'] / 1e6:.1f} | {args.batch / r['fxjax_s']:.1f} | "
+            f"{args.batch / r['torch_s']:.1f} | {r['torch_s'] / r['fxjax_s']:.2f} | {r['compile_s']:.1f} | "
+            f"{per_image / 1e9:.2f} | {util[0]:.0%} | {util[1]:.0%} | {needs} | {r['rel_diff']:.1e} |"
+        )
     vit = next((r for r in rows if r["name"] == "vit-b16"), None)
     if vit is not None:
         analytic = vit_b16_flops(args.batch)
         per_image = analytic / args.batch / 1e9
-        print(f"\nViT-B/16 FLOPs per image: analytic (2·MACs of all matmuls) {per_image:.2f} G, XLA "
-              f"cost_analysis {vit['flops'] / args.batch / 1e9:.2f} G (ratio {vit['flops'] / analytic:.3f})")
+        print(
+            f"\nViT-B/16 FLOPs per image: analytic (2·MACs of all matmuls) {per_image:.2f} G, XLA "
+            f"cost_analysis {vit['flops'] / args.batch / 1e9:.2f} G (ratio {vit['flops'] / analytic:.3f})"
+        )
 
 
 if __name__ == "__main__":

@@ -61,25 +61,39 @@ def trainer_epochs(trainer: Trainer, batches, steps: int) -> float:
 def bench_sweep(args, mesh) -> tuple[list[tuple[str, float, int]], float]:
     n_eval = 1000
     x, y = synthetic(args.n_train + 2 * n_eval, args.dim, args.classes)
-    splits = (x[:args.n_train], x[args.n_train:-n_eval], x[-n_eval:])
-    labels = (y[:args.n_train], y[args.n_train:-n_eval], y[-n_eval:])
+    splits = (x[: args.n_train], x[args.n_train : -n_eval], x[-n_eval:])
+    labels = (y[: args.n_train], y[args.n_train : -n_eval], y[-n_eval:])
     side = int(np.sqrt(args.heads))
     lrs, wds = np.logspace(-4, -1, side).tolist(), np.logspace(-5, -1, args.heads // side).tolist()
     opt = default_config().optimizer
-    common = {"num_classes": args.classes, "opt_config": opt, "batch_size": args.batch,
-              "num_epochs": args.epochs, "seed": 0, "mesh": mesh}
+    common = {
+        "num_classes": args.classes,
+        "opt_config": opt,
+        "batch_size": args.batch,
+        "num_epochs": args.epochs,
+        "seed": 0,
+        "mesh": mesh,
+    }
     many = train_sweep({"pooled": splits}, labels, learning_rates=lrs, weight_decays=wds, **common)
     one = train_sweep({"pooled": splits}, labels, learning_rates=[1e-3], weight_decays=[1e-4], **common)
-    trainer = Trainer(Head(args.dim, args.classes, rngs=nnx.Rngs(0)), (), num_classes=args.classes,
-                      opt_config=opt, total_steps=one.total_steps, mesh=mesh, seed=0)
+    trainer = Trainer(
+        Head(args.dim, args.classes, rngs=nnx.Rngs(0)),
+        (),
+        num_classes=args.classes,
+        opt_config=opt,
+        total_steps=one.total_steps,
+        mesh=mesh,
+        seed=0,
+    )
     batches = FeatureBatches(splits[0], labels[0], batch_size=args.batch, seed=0)
     trainer_s = trainer_epochs(trainer, batches, one.total_steps)
     heads = len(many.table)
-    return [(f"sweep, {heads} heads", many.train_seconds, many.total_steps),
-            ("sweep, 1 head", one.train_seconds, one.total_steps),
-            ("Trainer + Head, 1 head", trainer_s, one.total_steps),
-            (f"Trainer + Head, {heads} heads one by one (extrapolated)", trainer_s * heads,
-             one.total_steps * heads)], many.best["val_accuracy"]
+    return [
+        (f"sweep, {heads} heads", many.train_seconds, many.total_steps),
+        ("sweep, 1 head", one.train_seconds, one.total_steps),
+        ("Trainer + Head, 1 head", trainer_s, one.total_steps),
+        (f"Trainer + Head, {heads} heads one by one (extrapolated)", trainer_s * heads, one.total_steps * heads),
+    ], many.best["val_accuracy"]
 
 
 def bench_modes(args, mesh) -> dict:
@@ -91,23 +105,40 @@ def bench_modes(args, mesh) -> dict:
     stages = frozen_stages("all", backbone.num_stages)
 
     head = Head(backbone.feature_dim, data.num_classes, rngs=nnx.Rngs(0))
-    online = Trainer(Classifier(backbone.module, head, stages), frozen_prefixes(backbone.module, stages),
-                     num_classes=data.num_classes, opt_config=opt, total_steps=steps_per_epoch, mesh=mesh,
-                     seed=0)
+    online = Trainer(
+        Classifier(backbone.module, head, stages),
+        frozen_prefixes(backbone.module, stages),
+        num_classes=data.num_classes,
+        opt_config=opt,
+        total_steps=steps_per_epoch,
+        mesh=mesh,
+        seed=0,
+    )
     images = pipeline.eval_batches(train, backbone.preprocess, batch_size=args.online_batch)
-    batches = ({"x": b["image"], "label": b["label"]}
-               for b in itertools.islice(images, args.online_batches + 1))
+    batches = ({"x": b["image"], "label": b["label"]} for b in itertools.islice(images, args.online_batches + 1))
     online_s = trainer_epochs(online, batches, args.online_batches) / args.online_batches * steps_per_epoch
 
     feats = np.random.default_rng(0).normal(size=(len(train), backbone.feature_dim)).astype(np.float32)
     train_y = np.asarray([train.label(i) for i in range(len(train))], np.int32)
-    cached = Trainer(Head(backbone.feature_dim, data.num_classes, rngs=nnx.Rngs(0)), (),
-                     num_classes=data.num_classes, opt_config=opt, total_steps=steps_per_epoch, mesh=mesh,
-                     seed=0)
-    cached_s = trainer_epochs(cached, FeatureBatches(feats, train_y, batch_size=args.online_batch, seed=0),
-                              steps_per_epoch)
-    return {"n": len(train), "steps": steps_per_epoch, "online_s": online_s, "cached_s": cached_s,
-            "size": backbone.preprocess.size}
+    cached = Trainer(
+        Head(backbone.feature_dim, data.num_classes, rngs=nnx.Rngs(0)),
+        (),
+        num_classes=data.num_classes,
+        opt_config=opt,
+        total_steps=steps_per_epoch,
+        mesh=mesh,
+        seed=0,
+    )
+    cached_s = trainer_epochs(
+        cached, FeatureBatches(feats, train_y, batch_size=args.online_batch, seed=0), steps_per_epoch
+    )
+    return {
+        "n": len(train),
+        "steps": steps_per_epoch,
+        "online_s": online_s,
+        "cached_s": cached_s,
+        "size": backbone.preprocess.size,
+    }
 
 
 def main() -> None:
@@ -127,17 +158,23 @@ def main() -> None:
     modes = bench_modes(args, mesh)
     peak, bandwidth = fma_peak_flops_per_second(), copy_bytes_per_second()
 
-    print(f"jax {jax.__version__} on {len(jax.devices())} {jax.devices()[0].platform} device(s), "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n")
-    print(f"(a) linear heads: n={args.n_train}, d={args.dim}, {args.classes} classes, batch {args.batch}, "
-          f"{args.epochs} epochs; training loop only (compilation excluded). Best val accuracy "
-          f"{best_acc:.3f}.\n")
+    print(
+        f"jax {jax.__version__} on {len(jax.devices())} {jax.devices()[0].platform} device(s), "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end\n"
+    )
+    print(
+        f"(a) linear heads: n={args.n_train}, d={args.dim}, {args.classes} classes, batch {args.batch}, "
+        f"{args.epochs} epochs; training loop only (compilation excluded). Best val accuracy "
+        f"{best_acc:.3f}.\n"
+    )
     print("| run | steps | seconds | ms / step | time vs sweep of 1 head | per head vs sweep of 1 head |")
     print("|---|---:|---:|---:|---:|---:|")
     base = rows[1][1]
     for (name, seconds, steps), heads in zip(rows, (args.heads, 1, 1, args.heads)):
-        print(f"| {name} | {steps} | {seconds:.2f} | {seconds / steps * 1e3:.2f} | {seconds / base:.2f}x | "
-              f"{seconds / heads / base:.3f}x |")
+        print(
+            f"| {name} | {steps} | {seconds:.2f} | {seconds / steps * 1e3:.2f} | {seconds / base:.2f}x | "
+            f"{seconds / heads / base:.3f}x |"
+        )
     if peak:
         # What no implementation can beat on this machine: per step, the forward and the weight-gradient
         # matmuls of every head (2 x 2·b·d·c·H FLOPs) at the FMA peak, plus reading and writing each head's
@@ -146,21 +183,26 @@ def main() -> None:
         steps, weights = rows[0][2], args.heads * (args.dim + 1) * args.classes
         flops = steps * 2 * 2 * args.batch * args.dim * args.classes * args.heads
         floor = flops / peak + steps * 6 * 4 * weights / bandwidth
-        print(f"\nFloor for {args.heads} heads here: {flops / 1e9:.0f} GFLOP at the fp32 FMA peak "
-              f"({peak / 1e9:.0f} GFLOP/s) + optimizer-state traffic at {bandwidth / 1e9:.0f} GB/s = "
-              f"{floor:.2f} s on top of the one-head sweep's {base:.2f} s: at best "
-              f"{(floor + base) / base:.2f}x a sweep of 1 head, {(floor + base) / rows[2][1]:.2f}x "
-              f"`Trainer` + `Head`.")
+        print(
+            f"\nFloor for {args.heads} heads here: {flops / 1e9:.0f} GFLOP at the fp32 FMA peak "
+            f"({peak / 1e9:.0f} GFLOP/s) + optimizer-state traffic at {bandwidth / 1e9:.0f} GB/s = "
+            f"{floor:.2f} s on top of the one-head sweep's {base:.2f} s: at best "
+            f"{(floor + base) / base:.2f}x a sweep of 1 head, {(floor + base) / rows[2][1]:.2f}x "
+            f"`Trainer` + `Head`."
+        )
     ratio = modes["online_s"] / modes["cached_s"]
-    print(f"\n(b) one epoch on digits (train split, n={modes['n']}, {modes['steps']} steps of "
-          f"{args.online_batch}), efficientnet-lite0 at {modes['size'][0]} px, one linear head. Online: "
-          f"{args.online_batches} timed batches extrapolated to the epoch, data loading excluded.\n")
+    print(
+        f"\n(b) one epoch on digits (train split, n={modes['n']}, {modes['steps']} steps of "
+        f"{args.online_batch}), efficientnet-lite0 at {modes['size'][0]} px, one linear head. Online: "
+        f"{args.online_batches} timed batches extrapolated to the epoch, data loading excluded.\n"
+    )
     print("| mode | epoch seconds | ms / step | online / cached |")
     print("|---|---:|---:|---:|")
-    print(f"| cached (head on features) | {modes['cached_s']:.3f} | "
-          f"{modes['cached_s'] / modes['steps'] * 1e3:.2f} | |")
-    print(f"| online (backbone forward + head step) | {modes['online_s']:.1f} | "
-          f"{modes['online_s'] / modes['steps'] * 1e3:.0f} | {ratio:.0f}x |")
+    print(f"| cached (head on features) | {modes['cached_s']:.3f} | {modes['cached_s'] / modes['steps'] * 1e3:.2f} | |")
+    print(
+        f"| online (backbone forward + head step) | {modes['online_s']:.1f} | "
+        f"{modes['online_s'] / modes['steps'] * 1e3:.0f} | {ratio:.0f}x |"
+    )
 
 
 if __name__ == "__main__":

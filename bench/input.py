@@ -25,9 +25,7 @@ from fxjax.data.images import train_loader
 from fxjax.data.preprocess import PreprocessSpec
 from fxjax.data.sources import load_dataset
 
-RESNET = PreprocessSpec(
-    size=(224, 224), resize_shortest=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
-)
+RESNET = PreprocessSpec(size=(224, 224), resize_shortest=256, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 NUM_CLASSES = 5
 
 
@@ -78,9 +76,7 @@ def _write_tfds(data_dir: str, images: list[tuple[bytes, int]]) -> None:
 
 def _images_per_second(source, workers: int, augment: bool, batches: int, batch_size: int) -> float:
     """Best of three windows of `batches` batches: on a shared machine the best is the least disturbed."""
-    loader = train_loader(
-        source, RESNET, batch_size=batch_size, seed=0, augment=augment, worker_count=workers
-    )
+    loader = train_loader(source, RESNET, batch_size=batch_size, seed=0, augment=augment, worker_count=workers)
     iterator = iter(loader)
     next(iterator)  # start-up excluded
     rates = []

@@ -44,9 +44,7 @@ Row = tuple[str, float, float | None, float | None, float | None, float | None]
 Splits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
 
 
-def _sklearn_sweep(
-    make: Callable[[float], Any], grid: list[float], splits: Splits
-) -> tuple[float, float, float]:
+def _sklearn_sweep(make: Callable[[float], Any], grid: list[float], splits: Splits) -> tuple[float, float, float]:
     """Fit one sklearn model per grid value, choose on val like the probes do: (chosen, val acc, test acc)."""
     tx, ty, vx, vy, sx, sy, _ = splits
     fits = [make(v).fit(tx, ty) for v in grid]
@@ -58,9 +56,7 @@ def _sklearn_sweep(
 def bench_logistic(args: argparse.Namespace, splits: Splits) -> tuple[list[Row], list[dict[str, float]]]:
     tx, ty, *_, c = splits
     _, compile_s = timed(lambda: probes.logistic_fit(tx, ty, c, C=1.0, max_iter=1))
-    ours, ours_s = timed(
-        lambda: probes.logistic_probe(*splits, Cs=args.cs, max_iter=args.max_iter, tol=args.tol)
-    )
+    ours, ours_s = timed(lambda: probes.logistic_probe(*splits, Cs=args.cs, max_iter=args.max_iter, tol=args.tol))
     theirs, sk_s = timed(
         lambda: _sklearn_sweep(
             lambda C: LogisticRegression(C=C, solver="lbfgs", max_iter=args.max_iter, tol=args.tol),
@@ -128,9 +124,7 @@ def main() -> None:
     parser.add_argument(
         "--probes", nargs="+", choices=("logistic", "ridge", "knn"), default=["logistic", "ridge", "knn"]
     )
-    parser.add_argument(
-        "--blas-threads", type=int, default=None, help="cap numpy/scipy BLAS threads (both libraries)"
-    )
+    parser.add_argument("--blas-threads", type=int, default=None, help="cap numpy/scipy BLAS threads (both libraries)")
     args = parser.parse_args()
 
     n, m, c = args.n_train, args.n_eval, args.classes
@@ -155,11 +149,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     formats = (".2f", ".1f", "g", ".4f", ".4f")
     for name, *values in rows:
-        print(
-            f"| {name} | "
-            + " | ".join("" if v is None else f"{v:{f}}" for v, f in zip(values, formats))
-            + " |"
-        )
+        print(f"| {name} | " + " | ".join("" if v is None else f"{v:{f}}" for v, f in zip(values, formats)) + " |")
     if sweep:
         print("\nfxjax logistic sweep:\n\n| C | val acc | test acc | iterations | objective |")
         print("|---:|---:|---:|---:|---:|")

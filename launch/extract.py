@@ -1,6 +1,6 @@
 """Computes a config's features for every split into the feature cache (reused by later runs).
 
-    python -m launch.extract --config configs/quickstart.py [--config.a.b=value ...]
+python -m launch.extract --config configs/quickstart.py [--config.a.b=value ...]
 """
 
 from __future__ import annotations
@@ -26,17 +26,30 @@ def main(argv: list[str] | None = None) -> int:
         config = config_lib.resolve(config)
         mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
         parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
-        backbone = load_backbone(config.backbone, revision=config.revision, dtype=config.dtype,
-                                 param_dtype=config.param_dtype)
+        backbone = load_backbone(
+            config.backbone, revision=config.revision, dtype=config.dtype, param_dtype=config.param_dtype
+        )
         if config.image_size is not None:
             backbone.preprocess = backbone.preprocess.at_size(config.image_size)
-        data = load_dataset(config.data.source, data_dir=config.data.data_dir,
-                            val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction,
-                            seed=config.data.split_seed, few_shot_k=config.data.few_shot_k)
+        data = load_dataset(
+            config.data.source,
+            data_dir=config.data.data_dir,
+            val_fraction=config.data.val_fraction,
+            test_fraction=config.data.test_fraction,
+            seed=config.data.split_seed,
+            few_shot_k=config.data.few_shot_k,
+        )
         feats, _, hits = features.cached_features(
-            backbone, data, mesh=mesh, batch_size=config.eval_batch_size, cache_dir=config.cache_dir,
-            dtype=config.dtype, param_dtype=config.param_dtype, worker_count=config.data.worker_count,
-            variants=tuple(config.sweep.feature_variants))
+            backbone,
+            data,
+            mesh=mesh,
+            batch_size=config.eval_batch_size,
+            cache_dir=config.cache_dir,
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            worker_count=config.data.worker_count,
+            variants=tuple(config.sweep.feature_variants),
+        )
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

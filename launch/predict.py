@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "path": str(path),
                 "predictions": [
-                    {"class": classifier.class_names[c], "index": int(c), "probability": float(row[c])}
-                    for c in top
+                    {"class": classifier.class_names[c], "index": int(c), "probability": float(row[c])} for c in top
                 ],
             }
         )
@@ -95,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             if "error" in r:
                 print(f"{r['path']}: error: {r['error']}")
             else:
-                print(
-                    f"{r['path']}: "
-                    + ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"])
-                )
+                print(f"{r['path']}: " + ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"]))
     return 1 if errors else 0
 
 

@@ -39,19 +39,21 @@ def load_config_file(path: str):
 def parse_args(argv: list[str], *, workdir_required: bool = True):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="Python file with get_config()")
-    parser.add_argument("--workdir", required=workdir_required,
-                        help="run directory (created; resumed if it has checkpoints)")
+    parser.add_argument(
+        "--workdir", required=workdir_required, help="run directory (created; resumed if it has checkpoints)"
+    )
     parser.add_argument("--coordinator_address", help="host:port of process 0, for a multi-process run")
     parser.add_argument("--num_processes", type=int, help="processes in a multi-process run")
     parser.add_argument("--process_id", type=int, help="this process's index, 0 .. num_processes - 1")
-    parser.add_argument("--distributed", action="store_true",
-                        help="join a multi-process run that JAX detects itself (Cloud TPU pods)")
+    parser.add_argument(
+        "--distributed", action="store_true", help="join a multi-process run that JAX detects itself (Cloud TPU pods)"
+    )
     args, rest = parser.parse_known_args(argv)
     overrides = []
     for item in rest:
         if not item.startswith("--config.") or "=" not in item:
             parser.error(f"unrecognised argument {item!r}; overrides look like --config.optimizer.learning_rate=0.01")
-        key, value = item[len("--config."):].split("=", 1)
+        key, value = item[len("--config.") :].split("=", 1)
         overrides.append((key, value))
     return args, overrides
 
@@ -90,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if not primary:
         return 0
     speed = summary["images_per_second"]  # None when a resumed run had no step left to train
-    print(f"test_accuracy={summary['test_accuracy']:.4f} val_accuracy={summary['val_accuracy']:.4f} "
-          f"best_step={summary['best_step']} train_seconds={summary['train_seconds']:.1f} "
-          f"images_per_second={'n/a' if speed is None else f'{speed:.0f}'} workdir={args.workdir}")
+    print(
+        f"test_accuracy={summary['test_accuracy']:.4f} val_accuracy={summary['val_accuracy']:.4f} "
+        f"best_step={summary['best_step']} train_seconds={summary['train_seconds']:.1f} "
+        f"images_per_second={'n/a' if speed is None else f'{speed:.0f}'} workdir={args.workdir}"
+    )
     return 0
 
 

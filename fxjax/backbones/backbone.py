@@ -47,8 +47,9 @@ class Backbone:
         jit = partial(jax.jit, compiler_options=self.compiler_options)
         self._pooled = jit(lambda state, x: self._forward(state, x)["pooled"])
         self._outputs = jit(self._forward)
-        self._variants = jit(lambda state, x, names: {n: VARIANTS[n](self._forward(state, x)) for n in names},
-                             static_argnums=(2,))
+        self._variants = jit(
+            lambda state, x, names: {n: VARIANTS[n](self._forward(state, x)) for n in names}, static_argnums=(2,)
+        )
 
     def _forward(self, state, x) -> dict:
         return nnx.merge(self.graphdef, state)(x)

@@ -99,7 +99,8 @@ def load_state(
         name, array = mapped.pop(key)
         if tuple(array.shape) != tuple(expected.shape):
             problems.append(
-                f"mis-shaped: {name} → {key}: checkpoint {tuple(array.shape)}, model {tuple(expected.shape)}")
+                f"mis-shaped: {name} → {key}: checkpoint {tuple(array.shape)}, model {tuple(expected.shape)}"
+            )
             continue
         dtype = param_dtype if jnp.issubdtype(expected.dtype, jnp.floating) else expected.dtype
         values.append((path, variable.replace(jnp.asarray(array, dtype=dtype))))

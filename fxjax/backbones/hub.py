@@ -51,8 +51,13 @@ def _load_efficientnet_lite0(dtype, param_dtype, path: Path | None = None) -> Ba
         source=str(path),
         param_dtype=param_dtype,
     )
-    info = {"name": "efficientnet-lite0", "model_type": "efficientnet_lite", "revision": None,
-            "weight_files": [str(path)], "weight_sha256": formats.sha256_files([path])}
+    info = {
+        "name": "efficientnet-lite0",
+        "model_type": "efficientnet_lite",
+        "revision": None,
+        "weight_files": [str(path)],
+        "weight_sha256": formats.sha256_files([path]),
+    }
     # The TF-Lite recipe these weights were trained with: RGB at 224 px, (x - 127) / 128.
     preprocess = PreprocessSpec(size=(224, 224), mean=(127.0,) * 3, std=(128.0,) * 3, rescale=1.0)
     return Backbone(module, preprocess, info, dtype)
@@ -70,8 +75,14 @@ def _load_pixels(dtype, param_dtype, path: Path | None = None) -> Backbone:
 BUILTINS = {"efficientnet-lite0": _load_efficientnet_lite0, "pixels": _load_pixels}
 
 
-def load_backbone(name: str, *, revision: str | None = None, dtype="float32", param_dtype="float32",
-                  weights_file: str | Path | None = None) -> Backbone:
+def load_backbone(
+    name: str,
+    *,
+    revision: str | None = None,
+    dtype="float32",
+    param_dtype="float32",
+    weights_file: str | Path | None = None,
+) -> Backbone:
     """Loads a backbone by built-in name (`efficientnet-lite0`, `pixels`), local Hugging Face folder or Hub
     repo id (optionally at `revision`).
 
@@ -94,8 +105,9 @@ def resolve(name: str, revision: str | None = None) -> tuple[Path, str | None]:
     if path.is_dir() or (path.is_file() and checkpoints.find_layout(path) is not None):
         return path, revision
     if path.exists() or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"backbone path {name!r} is not a folder with a checkpoint, nor a checkpoint file "
-                                "fxjax reads")
+        raise FileNotFoundError(
+            f"backbone path {name!r} is not a folder with a checkpoint, nor a checkpoint file fxjax reads"
+        )
     if name.count("/") != 1:
         raise ValueError(
             f"unknown backbone {name!r}: use a built-in name ({', '.join(BUILTINS)}), a local folder or a "
@@ -129,8 +141,9 @@ def _from_hub(repo_id: str, revision: str | None) -> tuple[Path, str]:
     if chosen is None:
         raise FileNotFoundError(f"{repo_id}: no weight file among {', '.join(WEIGHT_FILES)} on the Hub")
     shards = "model-*.safetensors" if chosen.startswith("model.") else "pytorch_model-*.bin"
-    folder = hf.snapshot_download(repo_id, revision=info.sha,
-                                  allow_patterns=["config.json", "preprocessor_config.json", chosen, shards])
+    folder = hf.snapshot_download(
+        repo_id, revision=info.sha, allow_patterns=["config.json", "preprocessor_config.json", chosen, shards]
+    )
     return Path(folder), info.sha
 
 
@@ -150,8 +163,9 @@ def _shards(weight_file: Path) -> list[Path]:
     return [weight_file.parent / n for n in names]
 
 
-def load_folder(folder: Path, *, name: str | None = None, revision: str | None = None,
-                dtype=jnp.float32, param_dtype=jnp.float32) -> Backbone:
+def load_folder(
+    folder: Path, *, name: str | None = None, revision: str | None = None, dtype=jnp.float32, param_dtype=jnp.float32
+) -> Backbone:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
@@ -165,8 +179,13 @@ def load_folder(folder: Path, *, name: str | None = None, revision: str | None =
         param_dtype=param_dtype,
     )
     shards = _shards(weight_file)
-    info = {"name": name or str(folder), "model_type": config.model_type, "revision": revision,
-            "weight_files": [str(p) for p in shards], "weight_sha256": formats.sha256_files(shards)}
+    info = {
+        "name": name or str(folder),
+        "model_type": config.model_type,
+        "revision": revision,
+        "weight_files": [str(p) for p in shards],
+        "weight_sha256": formats.sha256_files(shards),
+    }
     return Backbone(module, preprocess_spec(folder, config), info, dtype)
 
 
@@ -202,7 +221,10 @@ def preprocess_spec(folder: Path, config) -> PreprocessSpec:
     mean = mean + (1.0 if getattr(proc, "rescale_offset", False) else 0.0)
     std = std * (np.asarray(proc.image_std, np.float64) if getattr(proc, "include_top", False) else 1.0)
     return PreprocessSpec(
-        size=tuple(out), resize_shortest=resize_shortest, mean=tuple(mean.tolist()), std=tuple(std.tolist()),
+        size=tuple(out),
+        resize_shortest=resize_shortest,
+        mean=tuple(mean.tolist()),
+        std=tuple(std.tolist()),
         rescale=float(proc.rescale_factor) if proc.do_rescale else 1.0,
         resample=_RESAMPLE.get(int(proc.resample), "bilinear"),
     )

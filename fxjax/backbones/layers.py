@@ -15,8 +15,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     What accelerators do inside a bfloat16 matmul anyway; on CPU it selects YNNPACK's AMX / AVX512-BF16 kernels,
     3.5x faster than a bfloat16-output dot (which runs at Eigen's speed). For float32 operands it is plain
     `lax.dot_general`. Pass as `nnx.Linear(..., dot_general=dot_general)`."""
-    out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                              preferred_element_type=jnp.float32, **kwargs)
+    out = jax.lax.dot_general(
+        lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32, **kwargs
+    )
     return out.astype(preferred_element_type or jnp.result_type(lhs, rhs))
 
 
@@ -40,8 +41,18 @@ class DepthwiseConv(nnx.Module):
     `padding` is "SAME" (TensorFlow's) or explicit ((top, bottom), (left, right)).
     """
 
-    def __init__(self, channels: int, kernel: int, *, stride: int = 1, padding="SAME", use_bias: bool = False,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        channels: int,
+        kernel: int,
+        *,
+        stride: int = 1,
+        padding="SAME",
+        use_bias: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(init(rngs.params(), (kernel, kernel, 1, channels), param_dtype))
         self.bias = nnx.Param(jnp.zeros((channels,), param_dtype)) if use_bias else None
@@ -49,15 +60,16 @@ class DepthwiseConv(nnx.Module):
 
     def __call__(self, x):  # [n, h, w, c] → [n, h', w', c]
         k, s = self.size, self.stride
-        pads = (same_padding(x.shape[1], k, s), same_padding(x.shape[2], k, s)) if self.padding == "SAME" \
-            else self.padding
+        pads = (
+            (same_padding(x.shape[1], k, s), same_padding(x.shape[2], k, s)) if self.padding == "SAME" else self.padding
+        )
         x = jnp.pad(x.astype(self.dtype), ((0, 0), pads[0], pads[1], (0, 0)))
         height, width = (x.shape[1] - k) // s + 1, (x.shape[2] - k) // s + 1
         kernel = self.kernel[...].astype(self.dtype)
         out = None
         for i in range(k):
             for j in range(k):
-                tap = x[:, i:i + s * (height - 1) + 1:s, j:j + s * (width - 1) + 1:s, :] * kernel[i, j, 0]
+                tap = x[:, i : i + s * (height - 1) + 1 : s, j : j + s * (width - 1) + 1 : s, :] * kernel[i, j, 0]
                 out = tap if out is None else out + tap
         return out if self.bias is None else out + self.bias[...].astype(self.dtype)
 
@@ -66,8 +78,16 @@ class PointwiseConv(nnx.Module):
     """1×1 convolution as a matmul over channels: XLA's CPU convolution is ~5x slower than the same matmul.
     Kernel layout [1, 1, in, out], as a 1×1 nnx.Conv, so checkpoints convert the same way."""
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool = False, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = False,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         init = nnx.initializers.lecun_normal()
         self.kernel = nnx.Param(init(rngs.params(), (1, 1, in_features, out_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None

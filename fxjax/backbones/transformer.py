@@ -78,9 +78,16 @@ class TransformerSpec:
     @classmethod
     def from_hf(cls, config, **overrides) -> TransformerSpec:
         """The fields every transformers vision config spells the same way; a family adds its own."""
-        fields = dict(dim=config.hidden_size, depth=config.num_hidden_layers, heads=config.num_attention_heads,
-                      mlp_dim=getattr(config, "intermediate_size", None), image_size=config.image_size,
-                      patch_size=config.patch_size, act=config.hidden_act, eps=config.layer_norm_eps)
+        fields = dict(
+            dim=config.hidden_size,
+            depth=config.num_hidden_layers,
+            heads=config.num_attention_heads,
+            mlp_dim=getattr(config, "intermediate_size", None),
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+            act=config.hidden_act,
+            eps=config.layer_norm_eps,
+        )
         return cls(**{**fields, **overrides})
 
     @property
@@ -152,9 +159,7 @@ class PatchEmbed(nnx.Module):
 
     def __init__(self, patch: int, dim: int, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
         self.patch, self.dtype = patch, dtype
-        self.kernel = nnx.Param(
-            nnx.initializers.lecun_normal()(rngs.params(), (patch, patch, 3, dim), param_dtype)
-        )
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (patch, patch, 3, dim), param_dtype))
         self.bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if bias else None
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
@@ -184,20 +189,15 @@ class Embeddings(nnx.Module):
             spec.patch_size, spec.dim, bias=spec.patch_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.cls_token = nnx.Param(init(rngs.params(), token_shape, param_dtype)) if spec.cls_token else None
-        self.dist_token = (
-            nnx.Param(init(rngs.params(), token_shape, param_dtype)) if spec.dist_token else None
-        )
+        self.dist_token = nnx.Param(init(rngs.params(), token_shape, param_dtype)) if spec.dist_token else None
         self.register_tokens = (
             nnx.Param(init(rngs.params(), (1, spec.register_tokens, spec.dim), param_dtype))
-            if spec.register_tokens else None
+            if spec.register_tokens
+            else None
         )
         positions = (spec.class_tokens + spec.grid**2, spec.dim)
-        self.position = nnx.Param(
-            init(rngs.params(), (1, *positions) if spec.batch_dims else positions, param_dtype)
-        )
-        self.pre_norm = (
-            layer_norm(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if spec.pre_norm else None
-        )
+        self.position = nnx.Param(init(rngs.params(), (1, *positions) if spec.batch_dims else positions, param_dtype))
+        self.pre_norm = layer_norm(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if spec.pre_norm else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         tokens, grid = self.patch_embed(x)  # [n, p, d]
@@ -240,8 +240,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
     def one(qkv):  # a single example: [t, heads, head_dim] x 3
         q, k, v = (a.swapaxes(0, 1) for a in qkv)  # [heads, t, head_dim]
-        scores = jnp.einsum("hqd,hkd->hqk", q * jnp.asarray(head_dim**-0.5, dtype), k,
-                            preferred_element_type=jnp.float32)
+        scores = jnp.einsum(
+            "hqd,hkd->hqk", q * jnp.asarray(head_dim**-0.5, dtype), k, preferred_element_type=jnp.float32
+        )
         weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
         out = jnp.einsum("hqk,hkd->hqd", weights.astype(dtype), v, preferred_element_type=jnp.float32)
         return (out / weights.sum(axis=-1, keepdims=True)).astype(dtype).swapaxes(0, 1)
@@ -268,9 +269,7 @@ class Attention(nnx.Module):
         if self.qkv is not None:
             q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads), 2, 0)
         else:
-            q, k, v = (
-                f(x).reshape(n, t, self.heads, d // self.heads) for f in (self.query, self.key, self.value)
-            )
+            q, k, v = (f(x).reshape(n, t, self.heads, d // self.heads) for f in (self.query, self.key, self.value))
         y = attention(q, k, v)  # [n, t, heads, head_dim]
         return self.out(y.reshape(n, t, d))
 
@@ -332,11 +331,7 @@ class VisionTransformer(nnx.Module):
 
     def stage_paths(self) -> list[tuple[str, ...]]:
         """Module-path prefixes of each stage, input to output: embeddings, each block, final norm + head."""
-        return (
-            [("embeddings",)]
-            + [(f"blocks.{i}",) for i in range(len(self.blocks))]
-            + [("norm", *self.head_paths())]
-        )
+        return [("embeddings",)] + [(f"blocks.{i}",) for i in range(len(self.blocks))] + [("norm", *self.head_paths())]
 
     def finish(self, x: jax.Array) -> dict:
         """Last block output [n, t, d] → last_hidden_state, normed (final-normed tokens) and pooled.

@@ -140,9 +140,7 @@ def augment_image(image: np.ndarray, spec: PreprocessSpec, rng: np.random.Genera
     rgb = to_rgb(image)
     top, left, h, w = _random_crop_box(rgb.shape[0], rgb.shape[1], rng)
     out_h, out_w = spec.size
-    crop = Image.fromarray(rgb).resize(
-        (out_w, out_h), _RESAMPLE[spec.resample], box=(left, top, left + w, top + h)
-    )
+    crop = Image.fromarray(rgb).resize((out_w, out_h), _RESAMPLE[spec.resample], box=(left, top, left + w, top + h))
     pixels = np.asarray(crop)  # [h, w, 3]
     if rng.random() < 0.5:
         pixels = pixels[:, ::-1]

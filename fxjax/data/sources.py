@@ -107,9 +107,7 @@ class FolderSource:
         try:
             image = decode_rgb(path)
         except OSError as e:  # verified at load time, so the file changed underneath us
-            raise OSError(
-                f"could not decode {path} (it was readable when the dataset was loaded): {e}"
-            ) from e
+            raise OSError(f"could not decode {path} (it was readable when the dataset was loaded): {e}") from e
         return {"image": image, "label": self.labels[index]}
 
     def label(self, index: int) -> int:
@@ -357,9 +355,7 @@ def _find_idx_files(name: str, data_dir: str | None) -> dict[str, tuple[str, str
             found[split] = (paths[0], paths[1])
         else:
             return found
-    hint = (
-        "`apt-get install dataset-fashion-mnist` provides them, or put" if name == "fashion_mnist" else "put"
-    )
+    hint = "`apt-get install dataset-fashion-mnist` provides them, or put" if name == "fashion_mnist" else "put"
     raise FileNotFoundError(
         f"{name}: IDX files not found in {', '.join(_idx_dirs(name, data_dir))}; {hint} "
         "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
@@ -449,9 +445,7 @@ def _load_folder(root: str, val_fraction: float, test_fraction: float, seed: int
         return FolderSource(root, paths, np.asarray(labels)), identity
 
     base, identity = source(present[0])
-    to_carve = {
-        name: f for name, f in (("val", val_fraction), ("test", test_fraction)) if name not in present
-    }
+    to_carve = {name: f for name, f in (("val", val_fraction), ("test", test_fraction)) if name not in present}
     splits, ids = _carve(base, identity, to_carve, seed)
     for split in present[1:]:
         splits[split], ids[split] = source(split)
@@ -461,9 +455,7 @@ def _load_folder(root: str, val_fraction: float, test_fraction: float, seed: int
 # ---------------------------------------------------------------------------------------------------- TFDS
 
 
-def _load_tfds(
-    spec: str, data_dir: str | None, val_fraction: float, test_fraction: float, seed: int
-) -> _Resolved:
+def _load_tfds(spec: str, data_dir: str | None, val_fraction: float, test_fraction: float, seed: int) -> _Resolved:
     import tensorflow_datasets as tfds
 
     name, _, version = spec.partition(":")
@@ -482,18 +474,14 @@ def _load_tfds(
         raise FileNotFoundError(f"TFDS dataset {full!r} is not prepared in {root}: {prepare}")
     info = builder.info
     if "image" not in info.features or "label" not in info.features:
-        raise ValueError(
-            f"TFDS dataset {full!r} needs 'image' and 'label' features, has {list(info.features)}"
-        )
+        raise ValueError(f"TFDS dataset {full!r} needs 'image' and 'label' features, has {list(info.features)}")
     available = set(info.splits)
     if "train" not in available:
         raise ValueError(f"TFDS dataset {full!r} has no 'train' split (splits: {sorted(available)})")
     try:
         builder.as_data_source("train")
     except NotImplementedError:
-        raise FileNotFoundError(
-            f"TFDS dataset {full!r} in {root} is not in array_record format: {prepare}"
-        ) from None
+        raise FileNotFoundError(f"TFDS dataset {full!r} in {root} is not in array_record format: {prepare}") from None
 
     pinned = f"{info.name}:{info.version}"  # resume and fingerprints refer to this exact version
 
@@ -504,9 +492,7 @@ def _load_tfds(
 
     base, identity = source("train")
     own = {"val": "validation", "test": "test"}
-    to_carve = {
-        name: f for name, f in (("val", val_fraction), ("test", test_fraction)) if own[name] not in available
-    }
+    to_carve = {name: f for name, f in (("val", val_fraction), ("test", test_fraction)) if own[name] not in available}
     # Unstratified: labels of a large TFDS split could only be had by parsing every record.
     splits, ids = _carve(base, identity, to_carve, seed, stratified=False)
     for ours, theirs in own.items():
@@ -534,9 +520,7 @@ def load_dataset(
     validation split. `few_shot_k` keeps k training examples per class; val and test are untouched.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(
-            f"need 0 <= val_fraction, test_fraction and a sum < 1, got {val_fraction}, {test_fraction}"
-        )
+        raise ValueError(f"need 0 <= val_fraction, test_fraction and a sum < 1, got {val_fraction}, {test_fraction}")
     loaders: dict[str, Callable[[], _Resolved]] = {
         "digits": lambda: _load_digits(val_fraction, test_fraction, seed),
         "mnist": lambda: _load_idx("mnist", data_dir, val_fraction, seed),

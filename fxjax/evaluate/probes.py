@@ -141,9 +141,7 @@ def ridge_probe(
     rows = [
         {
             "lambda": float(lam),
-            **{
-                f"{name}_accuracy": _accuracy(preds[name][i], s[name][1]) for name in ("train", "val", "test")
-            },
+            **{f"{name}_accuracy": _accuracy(preds[name][i], s[name][1]) for name in ("train", "val", "test")},
         }
         for i, lam in enumerate(fit.lambdas)
     ]
@@ -410,9 +408,7 @@ def knn_probe(
         ]
         for name in ("val", "test")
     }
-    rows = [
-        {"k": k, "val_accuracy": acc["val"][i], "test_accuracy": acc["test"][i]} for i, k in enumerate(ks)
-    ]
+    rows = [{"k": k, "val_accuracy": acc["val"][i], "test_accuracy": acc["test"][i]} for i, k in enumerate(ks)]
     best = _select(rows, prefer="first")
     return ProbeResult("knn", "k", best["k"], best["val_accuracy"], best["test_accuracy"], rows)
 

@@ -18,9 +18,16 @@ from fxjax.data.sources import split_labels
 from fxjax.features import store as cache
 
 
-def extract(backbone: Backbone, batches: Iterable[dict], *, total: int, mesh, desc: str = "features",
-            param_sharding: parallel.ShardingFn | None = None,
-            variants: tuple[str, ...] = ("pooled",)) -> dict[str, np.ndarray]:
+def extract(
+    backbone: Backbone,
+    batches: Iterable[dict],
+    *,
+    total: int,
+    mesh,
+    desc: str = "features",
+    param_sharding: parallel.ShardingFn | None = None,
+    variants: tuple[str, ...] = ("pooled",),
+) -> dict[str, np.ndarray]:
     """Feature variants {name: [total, d_name]} in source order from padded, masked batches ({"image", "mask"}).
 
     The backbone state is replicated unless `param_sharding` lays it out (e.g. `sharding.fsdp_shardings`).
@@ -32,8 +39,9 @@ def extract(backbone: Backbone, batches: Iterable[dict], *, total: int, mesh, de
     state = jax.device_put(backbone.state, layout)
     parts, mask_parts = {name: [] for name in variants}, []
     start = time.perf_counter()
-    with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=jax.process_index() != 0,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total, desc=desc, unit="img", file=sys.stderr, disable=jax.process_index() != 0, dynamic_ncols=True
+    ) as bar:
         for batch in batches:
             images = parallel.to_global({"image": batch["image"]}, sharding)["image"]
             for name, value in backbone._variants(state, images, tuple(variants)).items():
@@ -46,19 +54,40 @@ def extract(backbone: Backbone, batches: Iterable[dict], *, total: int, mesh, de
     return {name: parallel.host_major(p, mask_parts).astype(np.float32) for name, p in parts.items()}
 
 
-def fingerprint(backbone: Backbone, data, split: str, dtype: str, param_dtype: str,
-                variants: tuple[str, ...] = ("pooled",)) -> dict:
+def fingerprint(
+    backbone: Backbone, data, split: str, dtype: str, param_dtype: str, variants: tuple[str, ...] = ("pooled",)
+) -> dict:
     """Everything that changes a split's features; the feature-cache key."""
     info = backbone.info
-    return {"backbone": info["name"], "revision": info["revision"], "weight_sha256": info["weight_sha256"],
-            "preprocess": backbone.preprocess.to_dict(), "dataset": data.name, "split": split,
-            "split_fingerprint": data.fingerprint[split], "outputs": sorted(variants), "dtype": dtype,
-            "param_dtype": param_dtype, "code": fxjax.__version__, "format": cache.FORMAT}
+    return {
+        "backbone": info["name"],
+        "revision": info["revision"],
+        "weight_sha256": info["weight_sha256"],
+        "preprocess": backbone.preprocess.to_dict(),
+        "dataset": data.name,
+        "split": split,
+        "split_fingerprint": data.fingerprint[split],
+        "outputs": sorted(variants),
+        "dtype": dtype,
+        "param_dtype": param_dtype,
+        "code": fxjax.__version__,
+        "format": cache.FORMAT,
+    }
 
 
-def cached_features(backbone: Backbone, data, *, mesh, batch_size: int, cache_dir: str | None, dtype: str,
-                    param_dtype: str, worker_count: int = 0, param_sharding: parallel.ShardingFn | None = None,
-                    variants: tuple[str, ...] = ()) -> tuple[dict, dict, dict]:
+def cached_features(
+    backbone: Backbone,
+    data,
+    *,
+    mesh,
+    batch_size: int,
+    cache_dir: str | None,
+    dtype: str,
+    param_dtype: str,
+    worker_count: int = 0,
+    param_sharding: parallel.ShardingFn | None = None,
+    variants: tuple[str, ...] = (),
+) -> tuple[dict, dict, dict]:
     """Features (pooled, plus any extra `variants`) and labels of every split, from the on-disk cache or
     extracted once into it.
 
@@ -77,10 +106,18 @@ def cached_features(backbone: Backbone, data, *, mesh, batch_size: int, cache_di
             arrays = arrays if everyone_hit else None
         hits[split] = arrays is not None
         if arrays is None:
-            batches = pipeline.eval_batches(source, backbone.preprocess, batch_size=batch_size,
-                                            worker_count=worker_count, **shard)
-            arrays = extract(backbone, batches, total=len(source), mesh=mesh, desc=f"features[{split}]",
-                             param_sharding=param_sharding, variants=variants)
+            batches = pipeline.eval_batches(
+                source, backbone.preprocess, batch_size=batch_size, worker_count=worker_count, **shard
+            )
+            arrays = extract(
+                backbone,
+                batches,
+                total=len(source),
+                mesh=mesh,
+                desc=f"features[{split}]",
+                param_sharding=param_sharding,
+                variants=variants,
+            )
             arrays["labels"] = split_labels(source)
             if jax.process_index() == 0:
                 store.put(key, arrays)

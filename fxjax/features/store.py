@@ -64,8 +64,9 @@ class FeatureCache:
             return None
         problem, arrays = _read_entry(entry, fingerprint)
         if problem:
-            warnings.warn(f"feature cache entry {entry} is unusable ({problem}); recomputing", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"feature cache entry {entry} is unusable ({problem}); recomputing", RuntimeWarning, stacklevel=2
+            )
             return None
         return arrays
 
@@ -74,8 +75,7 @@ class FeatureCache:
         kept and this copy is discarded; an unusable committed entry is replaced."""
         for name, value in arrays.items():
             if not _ARRAY_NAME.fullmatch(name):
-                raise ValueError(f"array name {name!r} must be a plain file name ([A-Za-z0-9_.-], no leading "
-                                 "dot)")
+                raise ValueError(f"array name {name!r} must be a plain file name ([A-Za-z0-9_.-], no leading dot)")
             if np.asarray(value).dtype.hasobject:
                 raise ValueError(f"array {name!r} has dtype object; only numeric arrays can be cached")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -99,8 +99,9 @@ class FeatureCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
-    def get_or_compute(self, fingerprint: dict,
-                       compute: Callable[[], dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], bool]:
+    def get_or_compute(
+        self, fingerprint: dict, compute: Callable[[], dict[str, np.ndarray]]
+    ) -> tuple[dict[str, np.ndarray], bool]:
         """(arrays, hit): the cached arrays, or `compute()`'s, stored and read back memory-mapped."""
         arrays = self.get(fingerprint)
         if arrays is not None:

@@ -51,9 +51,19 @@ class TrainState:
 class Trainer:
     """Compiled train / eval steps for `model` (called as `model(x, dropout_key=...)`) on `mesh`."""
 
-    def __init__(self, model: nnx.Module, frozen: tuple[str, ...], *, num_classes: int, opt_config,
-                 total_steps: int, mesh, seed: int, frozen_sharding: parallel.ShardingFn | None = None,
-                 compiler_options: dict[str, str] | None = None):
+    def __init__(
+        self,
+        model: nnx.Module,
+        frozen: tuple[str, ...],
+        *,
+        num_classes: int,
+        opt_config,
+        total_steps: int,
+        mesh,
+        seed: int,
+        frozen_sharding: parallel.ShardingFn | None = None,
+        compiler_options: dict[str, str] | None = None,
+    ):
         """`frozen_sharding` lays out the frozen state (e.g. `sharding.fsdp_shardings`, so that each device
         holds a slice of a large backbone); by default it is replicated, like the trainable state.
         `compiler_options` go to the steps' `jax.jit` (an online backbone's `Backbone.compiler_options`)."""
@@ -70,10 +80,15 @@ class Trainer:
         self.frozen = jax.device_put(frozen_state, frozen_layout)
         self._init_opt = jax.jit(self.tx.init, out_shardings=self.repl)
         jit = partial(jax.jit, compiler_options=compiler_options)
-        self._train = jit(self._train_step, in_shardings=(self.repl, self.repl, frozen_layout, batch, self.repl),
-                          out_shardings=(self.repl, self.repl, self.repl), donate_argnums=(0, 1))
-        self._eval = jit(self._eval_step, in_shardings=(self.repl, frozen_layout, batch),
-                         out_shardings=(self.repl, batch))
+        self._train = jit(
+            self._train_step,
+            in_shardings=(self.repl, self.repl, frozen_layout, batch, self.repl),
+            out_shardings=(self.repl, self.repl, self.repl),
+            donate_argnums=(0, 1),
+        )
+        self._eval = jit(
+            self._eval_step, in_shardings=(self.repl, frozen_layout, batch), out_shardings=(self.repl, batch)
+        )
 
     def init_state(self) -> TrainState:
         return TrainState(0, self.params_init, self._init_opt(self.params_init))
@@ -89,8 +104,11 @@ class Trainer:
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-                   "grad_norm": optax.global_norm(grads)}
+        metrics = {
+            "loss": loss,
+            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+            "grad_norm": optax.global_norm(grads),
+        }
         return params, opt_state, metrics
 
     def _eval_step(self, params, frozen, batch):
@@ -98,14 +116,18 @@ class Trainer:
         mask = batch["mask"].astype(jnp.float32)
         losses = cross_entropy(logits, batch["label"], self.num_classes)
         predictions = jnp.argmax(logits, -1)
-        sums = {"loss": jnp.sum(losses * mask), "correct": jnp.sum((predictions == batch["label"]) * mask),
-                "count": jnp.sum(mask)}
+        sums = {
+            "loss": jnp.sum(losses * mask),
+            "correct": jnp.sum((predictions == batch["label"]) * mask),
+            "count": jnp.sum(mask),
+        }
         return sums, predictions
 
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(self.key, state.step)  # dropout noise depends on the step alone: resumable
-        params, opt_state, metrics = self._train(state.params, state.opt_state, self.frozen,
-                                                 parallel.to_global(batch, self.batch_sharding), key)
+        params, opt_state, metrics = self._train(
+            state.params, state.opt_state, self.frozen, parallel.to_global(batch, self.batch_sharding), key
+        )
         metrics = {k: float(v) for k, v in metrics.items()}
         if not math.isfinite(metrics["loss"]):
             raise NonFiniteLossError(f"loss is {metrics['loss']} at step {state.step + 1}")
@@ -121,16 +143,28 @@ class Trainer:
             predictions.append(parallel.gather(preds))
             masks.append(parallel.gather(batch["mask"]))
         count = max(totals["count"], 1.0)
-        return {"accuracy": totals["correct"] / count, "loss": totals["loss"] / count, "count": int(totals["count"]),
-                "predictions": parallel.host_major(predictions, masks) if predictions else np.zeros(0, np.int64)}
+        return {
+            "accuracy": totals["correct"] / count,
+            "loss": totals["loss"] / count,
+            "count": int(totals["count"]),
+            "predictions": parallel.host_major(predictions, masks) if predictions else np.zeros(0, np.int64),
+        }
 
 
 class FeatureBatches:
     """Training batches from feature arrays: a seeded permutation per epoch, this host's shard of each global
     batch. The state is the step count alone, since the order is a pure function of (seed, step)."""
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int,
-                 shard_index: int = 0, shard_count: int = 1):
+    def __init__(
+        self,
+        features: np.ndarray,
+        labels: np.ndarray,
+        *,
+        batch_size: int,
+        seed: int,
+        shard_index: int = 0,
+        shard_count: int = 1,
+    ):
         self.features, self.labels = features, labels
         self.batch_size, self.seed = batch_size, seed
         self.per_host = batch_size // shard_count
@@ -147,7 +181,7 @@ class FeatureBatches:
         epoch, within = divmod(self.step, self.steps_per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.labels))
         start = within * self.batch_size + self.offset
-        index = np.sort(order[start:start + self.per_host])
+        index = np.sort(order[start : start + self.per_host])
         self.step += 1
         return {"x": self.features[index], "label": self.labels[index]}
 
@@ -158,8 +192,9 @@ class FeatureBatches:
         self.step = int(state["step"])
 
 
-def feature_eval_batches(features: np.ndarray, labels: np.ndarray, batch_size: int, shard_index: int = 0,
-                         shard_count: int = 1) -> Iterator[dict]:
+def feature_eval_batches(
+    features: np.ndarray, labels: np.ndarray, batch_size: int, shard_index: int = 0, shard_count: int = 1
+) -> Iterator[dict]:
     """Padded, masked eval batches over feature arrays; every host yields the same number of batches."""
     per_host = batch_size // shard_count
     bounds = np.linspace(0, len(labels), shard_count + 1).astype(int)

@@ -23,13 +23,14 @@ def frozen_prefixes(backbone: nnx.Module, frozen_stages: int) -> tuple[str, ...]
 
 def trainable_filter(frozen: tuple[str, ...], backbone_key: str = "backbone"):
     """An NNX filter: Params outside the frozen prefixes (paths under `backbone_key` are the backbone's)."""
+
     def is_trainable(path, value) -> bool:
         if not isinstance(value, nnx.Param):
             return False
         name = path_str(path)
         if not name.startswith(backbone_key + "."):
             return True
-        name = name[len(backbone_key) + 1:]
+        name = name[len(backbone_key) + 1 :]
         return not any(p == "" or name == p or name.startswith(p + ".") for p in frozen)
 
     return is_trainable

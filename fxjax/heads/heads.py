@@ -12,8 +12,9 @@ from flax import nnx
 class Head(nnx.Module):
     """Linear layer (default) or MLP (GELU hidden layers, optional dropout) on features [n, d] → logits [n, c]."""
 
-    def __init__(self, in_dim: int, num_classes: int, *, hidden_dims: Sequence[int] = (), dropout: float = 0.0,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, in_dim: int, num_classes: int, *, hidden_dims: Sequence[int] = (), dropout: float = 0.0, rngs: nnx.Rngs
+    ):
         dims = [in_dim, *hidden_dims]
         self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
         self.dropout = dropout if hidden_dims else 0.0

@@ -13,5 +13,14 @@ from fxjax.parallel.mesh import (
     to_global,
 )
 
-__all__ = ["BATCH_AXES", "ShardingFn", "batch_sharding", "check_batch_size", "gather", "host_major", "make_mesh",
-           "replicated", "to_global"]
+__all__ = [
+    "BATCH_AXES",
+    "ShardingFn",
+    "batch_sharding",
+    "check_batch_size",
+    "gather",
+    "host_major",
+    "make_mesh",
+    "replicated",
+    "to_global",
+]

@@ -26,8 +26,13 @@ def cluster_tasks(env: Mapping[str, str] = os.environ) -> int:
     return len(hosts.split(",")) if hosts else 1
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, cluster: bool = False) -> bool:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cluster: bool = False,
+) -> bool:
     """Joins a multi-process run when one is asked for or detected; returns whether it did.
 
     Explicit arguments override what JAX detects; with none, JAX detects SLURM, Open MPI and Cloud TPU.
@@ -37,6 +42,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         return False
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:  # e.g. "mpi", chosen by the user
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU only; accelerators use theirs
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
     return True

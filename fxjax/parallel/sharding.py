@@ -50,8 +50,9 @@ def fsdp_spec(shape: Sequence[int], dims: Sequence[int], fsdp: int) -> P:
     return P()
 
 
-def fsdp_shardings(state, mesh: Mesh, *, rules: Sequence[tuple[str, Sequence[int]]] = FSDP_RULES,
-                   min_elements: int = MIN_ELEMENTS):
+def fsdp_shardings(
+    state, mesh: Mesh, *, rules: Sequence[tuple[str, Sequence[int]]] = FSDP_RULES, min_elements: int = MIN_ELEMENTS
+):
     """A NamedSharding for every leaf of a (frozen) parameter state on `mesh`, per `rules`."""
     fsdp = mesh.shape[FSDP_AXIS]
 

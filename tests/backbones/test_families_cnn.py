@@ -84,22 +84,27 @@ def _check_pooled(model, folder, size: int, **load_kw):
 
 
 def test_resnet_basic_matches_reference_in_every_hidden_state(tmp_path):
-    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24], depths=[1, 2, 1],
-                                       layer_type="basic")
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24], depths=[1, 2, 1], layer_type="basic")
     model = _randomise(transformers.ResNetModel(config))
     backbone, x, ref = _check_pooled(model, _save(model, tmp_path / "resnet"), 64)
 
     hidden = jax.jit(lambda s, x: nnx.merge(backbone.graphdef, s)(x)["hidden_states"])(
-        backbone.state, jnp.asarray(x.transpose(0, 2, 3, 1)))  # Backbone.outputs runs eagerly: slow to test
+        backbone.state, jnp.asarray(x.transpose(0, 2, 3, 1))
+    )  # Backbone.outputs runs eagerly: slow to test
     assert len(hidden) == len(ref.hidden_states) == backbone.num_stages
     for ours, theirs in zip(hidden, ref.hidden_states):
         assert _max_diff(ours, theirs.permute(0, 2, 3, 1)) <= TOLERANCE
 
 
 def test_resnet_bottleneck_from_pytorch_bin_matches_reference(tmp_path):
-    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[2, 1],
-                                       layer_type="bottleneck", downsample_in_first_stage=True,
-                                       downsample_in_bottleneck=True)
+    config = transformers.ResNetConfig(
+        embedding_size=8,
+        hidden_sizes=[16, 32],
+        depths=[2, 1],
+        layer_type="bottleneck",
+        downsample_in_first_stage=True,
+        downsample_in_bottleneck=True,
+    )
     model = _randomise(transformers.ResNetModel(config), seed=2)
     _check_pooled(model, _save(model, tmp_path / "resnet", safe=False), 48)
 
@@ -117,10 +122,18 @@ def test_efficientnet_matches_reference(tmp_path, size, pooling):
     # there); 53 px makes the stem and a stride-2 depthwise conv see odd sizes, where transformers' pads are
     # not "SAME"; block 1 is listed in depthwise_padding (symmetric pads).
     config = transformers.EfficientNetConfig(
-        width_coefficient=0.25, depth_coefficient=1.0, image_size=size, hidden_dim=320,
-        kernel_sizes=[3, 3, 5, 3], in_channels=[32, 16, 24, 40], out_channels=[16, 24, 40, 80],
-        strides=[1, 2, 2, 2], num_block_repeats=[1, 2, 2, 1], expand_ratios=[1, 6, 6, 6],
-        depthwise_padding=[1], pooling_type=pooling,
+        width_coefficient=0.25,
+        depth_coefficient=1.0,
+        image_size=size,
+        hidden_dim=320,
+        kernel_sizes=[3, 3, 5, 3],
+        in_channels=[32, 16, 24, 40],
+        out_channels=[16, 24, 40, 80],
+        strides=[1, 2, 2, 2],
+        num_block_repeats=[1, 2, 2, 1],
+        expand_ratios=[1, 6, 6, 6],
+        depthwise_padding=[1],
+        pooling_type=pooling,
     )
     model = _randomise(transformers.EfficientNetModel(config), seed=4)
     backbone, _, _ = _check_pooled(model, _save(model, tmp_path / "efficientnet"), size)
@@ -129,9 +142,16 @@ def test_efficientnet_matches_reference(tmp_path, size, pooling):
 
 def test_efficientnet_for_classification_checkpoint_drops_the_classifier(tmp_path):
     config = transformers.EfficientNetConfig(
-        width_coefficient=0.25, depth_coefficient=1.0, hidden_dim=320, kernel_sizes=[3, 3],
-        in_channels=[32, 16], out_channels=[16, 24], strides=[1, 2], num_block_repeats=[1, 1],
-        expand_ratios=[1, 6], num_labels=5,
+        width_coefficient=0.25,
+        depth_coefficient=1.0,
+        hidden_dim=320,
+        kernel_sizes=[3, 3],
+        in_channels=[32, 16],
+        out_channels=[16, 24],
+        strides=[1, 2],
+        num_block_repeats=[1, 1],
+        expand_ratios=[1, 6],
+        num_labels=5,
     )
     classifier = _randomise(transformers.EfficientNetForImageClassification(config), seed=5)
     _check_pooled(classifier.efficientnet, _save(classifier, tmp_path / "efficientnet"), 32)
@@ -142,10 +162,15 @@ def test_convnext_processor_gives_the_reference_preprocessing(tmp_path, shortest
     # ResNet and ConvNeXt checkpoints both ship ConvNextImageProcessor: below 384 px it resizes the shorter
     # side to edge / crop_pct and centre-crops; at 384 px and above it warps to a square without cropping.
     folder = tmp_path / "resnet"
-    _save(transformers.ResNetModel(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1],
-                                                             layer_type="basic")), folder)
-    transformers.ConvNextImageProcessor(size={"shortest_edge": shortest_edge}, crop_pct=0.875,
-                                        resample=resample).save_pretrained(folder)
+    _save(
+        transformers.ResNetModel(
+            transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], layer_type="basic")
+        ),
+        folder,
+    )
+    transformers.ConvNextImageProcessor(
+        size={"shortest_edge": shortest_edge}, crop_pct=0.875, resample=resample
+    ).save_pretrained(folder)
     spec = fxjax.load_backbone(str(folder)).preprocess
     assert spec.size == (shortest_edge, shortest_edge)
     assert spec.resize_shortest == (int(shortest_edge / 0.875) if shortest_edge < 384 else None)
@@ -158,20 +183,33 @@ def test_convnext_processor_gives_the_reference_preprocessing(tmp_path, shortest
     assert np.max(np.abs(ours - theirs)) < 0.02
 
 
-@pytest.mark.parametrize("config", [
-    transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"),
-    transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
-    transformers.EfficientNetConfig(width_coefficient=0.25, depth_coefficient=1.0, hidden_dim=320,
-                                    kernel_sizes=[3, 3], in_channels=[32, 16], out_channels=[16, 24],
-                                    strides=[1, 2], num_block_repeats=[1, 1], expand_ratios=[1, 6]),
-], ids=lambda c: c.model_type)
+@pytest.mark.parametrize(
+    "config",
+    [
+        transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"),
+        transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
+        transformers.EfficientNetConfig(
+            width_coefficient=0.25,
+            depth_coefficient=1.0,
+            hidden_dim=320,
+            kernel_sizes=[3, 3],
+            in_channels=[32, 16],
+            out_channels=[16, 24],
+            strides=[1, 2],
+            num_block_repeats=[1, 1],
+            expand_ratios=[1, 6],
+        ),
+    ],
+    ids=lambda c: c.model_type,
+)
 def test_frozen_stages_get_no_gradient_and_stage_paths_cover_every_parameter(config):
     # Built abstractly and filled from numpy: eager random initialisation compiles op by op (seconds).
     rng = np.random.default_rng(7)
     family = models.family(config.model_type)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: family.build(config, rngs=nnx.Rngs(0))))
     state = jax.tree.map(
-        lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape) * (0.1 if v.ndim > 1 else 1.0), v.dtype), state)
+        lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape) * (0.1 if v.ndim > 1 else 1.0), v.dtype), state
+    )
     module = nnx.merge(graphdef, state)
     stages = module.stage_paths()
     frozen = 2
@@ -199,13 +237,15 @@ def test_efficientnet_processor_constants_match_the_reference(tmp_path):
     from fxjax.backbones.hub import preprocess_spec
     from fxjax.data.preprocess import preprocess_image
 
-    processor = transformers.EfficientNetImageProcessor(rescale_offset=True, include_top=True, do_center_crop=False,
-                                                        size={"height": 40, "width": 40})
+    processor = transformers.EfficientNetImageProcessor(
+        rescale_offset=True, include_top=True, do_center_crop=False, size={"height": 40, "width": 40}
+    )
     processor.save_pretrained(tmp_path)
     spec = preprocess_spec(tmp_path, transformers.EfficientNetConfig(image_size=40))
     image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     ours = preprocess_image(image, spec)
-    reference = transformers.EfficientNetImageProcessorPil(rescale_offset=True, include_top=True,
-                                                           do_center_crop=False, size={"height": 40, "width": 40})
+    reference = transformers.EfficientNetImageProcessorPil(
+        rescale_offset=True, include_top=True, do_center_crop=False, size={"height": 40, "width": 40}
+    )
     theirs = reference(Image.fromarray(image), return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
     np.testing.assert_allclose(ours, theirs, atol=1e-4)

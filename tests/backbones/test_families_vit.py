@@ -37,9 +37,7 @@ TEXT = dict(
 
 
 def _full(config_cls, text_cls, vision_cls, **kw):
-    return config_cls(
-        text_config=text_cls(**TEXT).to_dict(), vision_config=vision_cls(**VISION).to_dict(), **kw
-    )
+    return config_cls(text_config=text_cls(**TEXT).to_dict(), vision_config=vision_cls(**VISION).to_dict(), **kw)
 
 
 REGISTERS = 4
@@ -279,9 +277,9 @@ def test_older_checkpoint_buffers_are_dropped(saved):
 
 
 def test_unsupported_model_type_lists_supported(tmp_path):
-    T.BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
-    ).save_pretrained(tmp_path)
+    T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64).save_pretrained(
+        tmp_path
+    )
     with pytest.raises(ValueError, match="unsupported model_type 'bert'") as err:
         fxjax.load_backbone(str(tmp_path))
     for model_type in ("vit", "deit", "dinov2", "dinov2_with_registers", "clip", "clip_vision_model", "siglip", "blip"):
@@ -388,10 +386,12 @@ def test_cpu_attention_equals_dot_product_attention(n, monkeypatch):
     monkeypatch.setattr(transformer, "_CACHE_BYTES", 2 * 4 * 3 * 7 * 7 * 4)  # chunks of 2 examples
     q, k, v = jax.random.normal(jax.random.key(0), (3, n, 7, 4, 8))
     assert jax.default_backend() == "cpu"
-    np.testing.assert_allclose(transformer.attention(q, k, v), jax.nn.dot_product_attention(q, k, v),
-                               rtol=1e-5, atol=1e-6)
-    grads = [jax.grad(lambda q, f=f: f(q, k, v).sum())(q)
-             for f in (transformer.attention, jax.nn.dot_product_attention)]
+    np.testing.assert_allclose(
+        transformer.attention(q, k, v), jax.nn.dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6
+    )
+    grads = [
+        jax.grad(lambda q, f=f: f(q, k, v).sum())(q) for f in (transformer.attention, jax.nn.dot_product_attention)
+    ]
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 

@@ -16,8 +16,9 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 def _tiny_vit(folder: Path) -> None:
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                    image_size=16, patch_size=8)
+    config = transformers.ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=8
+    )
     torch.manual_seed(0)
     transformers.ViTModel(config, add_pooling_layer=False).eval().save_pretrained(folder)
 

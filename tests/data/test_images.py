@@ -49,8 +49,7 @@ def test_eval_sees_each_example_once_in_order_with_padding_masked(n):
 def test_eval_hosts_cover_everything_once_with_equal_batch_counts(n, hosts, batch_size):
     source = _source(n)
     per_host = [
-        list(eval_batches(source, SPEC, batch_size=batch_size, shard_index=h, shard_count=hosts))
-        for h in range(hosts)
+        list(eval_batches(source, SPEC, batch_size=batch_size, shard_index=h, shard_count=hosts)) for h in range(hosts)
     ]
     assert len({len(batches) for batches in per_host}) == 1
     labels = np.concatenate([b["label"][b["mask"]] for batches in per_host for b in batches])
@@ -101,9 +100,7 @@ def test_train_hosts_see_disjoint_shards_covering_the_split():
     source = _source(40)
     seen = []
     for host in range(2):
-        batches = list(
-            train_loader(source, SPEC, batch_size=8, seed=3, shard_index=host, shard_count=2, num_epochs=1)
-        )
+        batches = list(train_loader(source, SPEC, batch_size=8, seed=3, shard_index=host, shard_count=2, num_epochs=1))
         assert len(batches) == 5 and all(b["label"].shape == (4,) for b in batches)
         seen.append({int(x) for b in batches for x in b["label"]})
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(40))

@@ -64,10 +64,7 @@ def test_few_shot_keeps_k_per_class_and_leaves_eval_splits_alone():
     train = ds.splits["train"]
     labels = [train.label(i) for i in range(len(train))]
     assert len(train) == 50 and np.bincount(labels).tolist() == [5] * 10
-    assert (
-        ds.fingerprint["val"] == full.fingerprint["val"]
-        and ds.fingerprint["test"] == full.fingerprint["test"]
-    )
+    assert ds.fingerprint["val"] == full.fingerprint["val"] and ds.fingerprint["test"] == full.fingerprint["test"]
     assert ds.fingerprint["train"] != full.fingerprint["train"]
     assert _items(load_dataset("digits", few_shot_k=5, few_shot_seed=1).splits["train"]) == _items(train)
     other = load_dataset("digits", few_shot_k=5, few_shot_seed=2)
@@ -127,15 +124,11 @@ def test_idx_from_env_dir(idx_dir, tmp_path_factory, monkeypatch):
 
 
 def test_idx_missing_files_says_how_to_get_them(tmp_path):
-    with pytest.raises(
-        FileNotFoundError, match="apt-get install dataset-fashion-mnist.*train-images-idx3-ubyte"
-    ):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist.*train-images-idx3-ubyte"):
         load_dataset("fashion_mnist", data_dir=str(tmp_path))
 
 
-@pytest.mark.skipif(
-    not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="dataset-fashion-mnist absent"
-)
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="dataset-fashion-mnist absent")
 def test_debian_fashion_mnist_when_installed(monkeypatch):
     monkeypatch.delenv("FXJAX_DATA_DIR", raising=False)
     ds = load_dataset("fashion_mnist")
@@ -176,9 +169,7 @@ def test_folder_modes_corrupt_files_and_splits(tmp_path):
     (tmp_path / "dog" / "notes.txt").write_text("ignored")
     (tmp_path / ".cache").mkdir()  # hidden folders are not classes
 
-    with pytest.warns(
-        UserWarning, match=r"skipped 2 unreadable image\(s\) in .*broken\.png.*truncated\.jpeg"
-    ):
+    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\) in .*broken\.png.*truncated\.jpeg"):
         ds = load_dataset(f"folder:{tmp_path}", val_fraction=0.2, test_fraction=0.2)
     assert ds.class_names == ["cat", "dog"] and ds.name == f"folder:{tmp_path}"
     assert sum(len(s) for s in ds.splits.values()) == 16

@@ -16,16 +16,35 @@ from fxjax.features.store import FeatureCache, cache_root, fingerprint_key
 REPO = Path(__file__).resolve().parents[2]
 
 BASE = {
-    "backbone": "efficientnet-lite0", "revision": None, "weight_sha256": "ab" * 32,
-    "preprocess": {"size": [224, 224], "mean": [127.0] * 3, "std": [128.0] * 3, "rescale": 1.0,
-                   "resize_shortest": None, "resample": "bilinear"},
-    "dataset": "digits", "split": "train", "split_fingerprint": "cd" * 32, "outputs": ["pooled"],
-    "dtype": "float32", "format": 1,
+    "backbone": "efficientnet-lite0",
+    "revision": None,
+    "weight_sha256": "ab" * 32,
+    "preprocess": {
+        "size": [224, 224],
+        "mean": [127.0] * 3,
+        "std": [128.0] * 3,
+        "rescale": 1.0,
+        "resize_shortest": None,
+        "resample": "bilinear",
+    },
+    "dataset": "digits",
+    "split": "train",
+    "split_fingerprint": "cd" * 32,
+    "outputs": ["pooled"],
+    "dtype": "float32",
+    "format": 1,
 }
 CHANGES = {
-    "backbone": "google/vit-base-patch16-224", "revision": "main", "weight_sha256": "ef" * 32,
-    "preprocess": {**BASE["preprocess"], "size": [256, 256]}, "dataset": "mnist", "split": "val",
-    "split_fingerprint": "01" * 32, "outputs": ["pooled", "tokens"], "dtype": "bfloat16", "format": 2,
+    "backbone": "google/vit-base-patch16-224",
+    "revision": "main",
+    "weight_sha256": "ef" * 32,
+    "preprocess": {**BASE["preprocess"], "size": [256, 256]},
+    "dataset": "mnist",
+    "split": "val",
+    "split_fingerprint": "01" * 32,
+    "outputs": ["pooled", "tokens"],
+    "dtype": "bfloat16",
+    "format": 2,
 }
 
 
@@ -124,8 +143,9 @@ print("finished", flush=True)
 def test_killed_writer_leaves_nothing_readable(tmp_path, stage):
     script = _WRITER.replace("__FINGERPRINT__", repr(BASE))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", script, stage, str(tmp_path)], stdout=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, stage, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert proc.stdout.readline().strip() == "paused"
     finally:

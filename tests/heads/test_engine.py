@@ -25,8 +25,10 @@ def _classifier(frozen_stages: int, num_classes: int = 3):
 
 def _batch(n=8, size=32, seed=0):
     rng = np.random.default_rng(seed)
-    return {"x": rng.normal(size=(n, size, size, 3)).astype(np.float32),
-            "label": rng.integers(0, 3, n).astype(np.int32)}
+    return {
+        "x": rng.normal(size=(n, size, size, 3)).astype(np.float32),
+        "label": rng.integers(0, 3, n).astype(np.int32),
+    }
 
 
 def _opt(**kw):
@@ -44,8 +46,15 @@ def test_frozen_stages_never_move_and_unfrozen_ones_do(frozen_stages):
     model, frozen = _classifier(frozen_stages)
     before = _flat(nnx.state(model))
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    trainer = Trainer(model, frozen, num_classes=3, opt_config=_opt(learning_rate=0.05, weight_decay=0.1),
-                      total_steps=3, mesh=mesh, seed=0)
+    trainer = Trainer(
+        model,
+        frozen,
+        num_classes=3,
+        opt_config=_opt(learning_rate=0.05, weight_decay=0.1),
+        total_steps=3,
+        mesh=mesh,
+        seed=0,
+    )
     state = trainer.init_state()
     for step in range(3):
         state, _ = trainer.train_step(state, _batch(seed=step))
@@ -70,8 +79,15 @@ def test_frozen_stages_never_move_and_unfrozen_ones_do(frozen_stages):
 
 def test_optimizer_state_holds_only_trainable_leaves():
     model, frozen = _classifier(frozen_stages=9)
-    trainer = Trainer(model, frozen, num_classes=3, opt_config=_opt(), total_steps=2,
-                      mesh=parallel.make_mesh(devices=jax.devices()[:1]), seed=0)
+    trainer = Trainer(
+        model,
+        frozen,
+        num_classes=3,
+        opt_config=_opt(),
+        total_steps=2,
+        mesh=parallel.make_mesh(devices=jax.devices()[:1]),
+        seed=0,
+    )
     state = trainer.init_state()
     n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
     assert n_trainable == 1280 * 3 + 3  # the head alone
@@ -84,9 +100,15 @@ def test_weight_decay_touches_kernels_only():
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
     # learning rate of zero on the gradient path is impossible with adamw; instead a zero batch gradient:
     # labels match a uniform prediction, so only the decay changes the parameters.
-    trainer = Trainer(head, (), num_classes=2, opt_config=_opt(weight_decay=0.5, learning_rate=0.1, grad_clip=0.0,
-                                                                 schedule="constant"),
-                      total_steps=1, mesh=mesh, seed=0)
+    trainer = Trainer(
+        head,
+        (),
+        num_classes=2,
+        opt_config=_opt(weight_decay=0.5, learning_rate=0.1, grad_clip=0.0, schedule="constant"),
+        total_steps=1,
+        mesh=mesh,
+        seed=0,
+    )
     state = trainer.init_state()
     state = state.__class__(0, jax.tree.map(lambda x: jnp.ones_like(x), state.params), state.opt_state)
     batch = {"x": np.zeros((2, 4), np.float32), "label": np.array([0, 1], np.int32)}
@@ -100,8 +122,15 @@ def test_eight_devices_give_the_same_losses_as_one():
     losses = {}
     for n in (1, 8):
         model, frozen = _classifier(frozen_stages=7)
-        trainer = Trainer(model, frozen, num_classes=3, opt_config=_opt(learning_rate=0.01), total_steps=3,
-                          mesh=parallel.make_mesh(devices=jax.devices()[:n]), seed=0)
+        trainer = Trainer(
+            model,
+            frozen,
+            num_classes=3,
+            opt_config=_opt(learning_rate=0.01),
+            total_steps=3,
+            mesh=parallel.make_mesh(devices=jax.devices()[:n]),
+            seed=0,
+        )
         state, run = trainer.init_state(), []
         for step in range(3):
             state, metrics = trainer.train_step(state, _batch(n=16, seed=step))
@@ -130,6 +159,7 @@ def test_feature_batches_resume_exactly_and_eval_counts_each_example_once():
         assert np.array_equal(next(c)["x"], want["x"])
     seen = np.concatenate([batch["x"][batch["mask"], 0] for batch in feature_eval_batches(feats, labels, 16)])
     assert np.array_equal(seen, np.arange(50))
-    hosts = [np.concatenate([b["x"][b["mask"], 0] for b in feature_eval_batches(feats, labels, 16, i, 2)])
-             for i in range(2)]
+    hosts = [
+        np.concatenate([b["x"][b["mask"], 0] for b in feature_eval_batches(feats, labels, 16, i, 2)]) for i in range(2)
+    ]
     assert np.array_equal(np.concatenate(hosts), np.arange(50))

@@ -38,16 +38,28 @@ def _mesh():
 
 
 def _sweep(features, labels, lrs, wds, opt, **kw):
-    return train_sweep(features, labels, num_classes=C, learning_rates=lrs, weight_decays=wds, opt_config=opt,
-                       batch_size=BATCH, num_epochs=EPOCHS, seed=3, mesh=_mesh(), **kw)
+    return train_sweep(
+        features,
+        labels,
+        num_classes=C,
+        learning_rates=lrs,
+        weight_decays=wds,
+        opt_config=opt,
+        batch_size=BATCH,
+        num_epochs=EPOCHS,
+        seed=3,
+        mesh=_mesh(),
+        **kw,
+    )
 
 
 def _trained_alone(train, train_y, lr, wd, optimizer, total_steps):
     """The reference: one Head trained by Trainer on FeatureBatches with the same seed and steps."""
     opt = _opt(optimizer)
     opt.update(learning_rate=lr, weight_decay=wd)
-    trainer = Trainer(Head(D, C, rngs=nnx.Rngs(0)), (), num_classes=C, opt_config=opt,
-                      total_steps=total_steps, mesh=_mesh(), seed=3)
+    trainer = Trainer(
+        Head(D, C, rngs=nnx.Rngs(0)), (), num_classes=C, opt_config=opt, total_steps=total_steps, mesh=_mesh(), seed=3
+    )
     batches, state = FeatureBatches(train, train_y, batch_size=BATCH, seed=3), trainer.init_state()
     for _ in range(total_steps):
         state, _ = trainer.train_step(state, next(batches))
@@ -57,8 +69,9 @@ def _trained_alone(train, train_y, lr, wd, optimizer, total_steps):
 def _assert_same_head(result, trainer, params, lr, wd):
     row = next(r for r in result.table if (r["learning_rate"], r["weight_decay"]) == (lr, wd))
     for name in ("kernel", "bias"):
-        np.testing.assert_allclose(result.head(row)[name], np.asarray(params["out"][name].get_value()),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            result.head(row)[name], np.asarray(params["out"][name].get_value()), rtol=1e-5, atol=1e-6
+        )
     return row
 
 
@@ -99,11 +112,16 @@ def test_two_variants_of_different_dims_and_selection():
 
 def test_selection_ties_and_divergence():
     def row(variant, lr, wd, acc, diverged=False):
-        return {"variant": variant, "learning_rate": lr, "weight_decay": wd, "val_accuracy": acc,
-                "diverged": diverged}
+        return {"variant": variant, "learning_rate": lr, "weight_decay": wd, "val_accuracy": acc, "diverged": diverged}
 
-    table = [row("b", 0.1, 0.0, 0.9), row("a", 0.01, 0.1, 0.9), row("a", 0.01, 0.01, 0.9),
-             row("b", 0.01, 0.01, 0.9), row("a", 1.0, 0.0, 0.95, diverged=True), row("a", 0.001, 0.0, 0.5)]
+    table = [
+        row("b", 0.1, 0.0, 0.9),
+        row("a", 0.01, 0.1, 0.9),
+        row("a", 0.01, 0.01, 0.9),
+        row("b", 0.01, 0.01, 0.9),
+        row("a", 1.0, 0.0, 0.95, diverged=True),
+        row("a", 0.001, 0.0, 0.5),
+    ]
     assert select(table) is table[3]  # best accuracy; smaller lr, smaller wd, then the first variant ("b")
     with pytest.raises(FloatingPointError):
         select([row("a", 1.0, 0.0, 0.9, diverged=True)])
@@ -136,5 +154,15 @@ def test_inputs_are_checked():
     with pytest.raises(ValueError, match="split sizes"):
         _sweep({"pooled": (train[:-1], val, test)}, labels, [0.1], [0.0], _opt())
     with pytest.raises(ValueError, match="divisible"):
-        train_sweep({"pooled": (train, val, test)}, labels, num_classes=C, learning_rates=[0.1],
-                    weight_decays=[0.0], opt_config=_opt(), batch_size=12, num_epochs=1, seed=0, mesh=_mesh())
+        train_sweep(
+            {"pooled": (train, val, test)},
+            labels,
+            num_classes=C,
+            learning_rates=[0.1],
+            weight_decays=[0.0],
+            opt_config=_opt(),
+            batch_size=12,
+            num_epochs=1,
+            seed=0,
+            mesh=_mesh(),
+        )

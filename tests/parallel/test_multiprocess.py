@@ -21,14 +21,17 @@ TIMEOUT_S = 240
 SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
 
 
-@pytest.mark.parametrize(("env", "tasks"), [
-    ({}, 1),
-    ({**SLURM, "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16"}, 16),
-    ({**SLURM, "SLURM_NTASKS": "1"}, 1),
-    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}, 1),  # the batch script's own shell, not an srun task
-    ({"OMPI_MCA_orte_hnp_uri": "1;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "4"}, 4),
-    ({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, 4),
-])
+@pytest.mark.parametrize(
+    ("env", "tasks"),
+    [
+        ({}, 1),
+        ({**SLURM, "SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16"}, 16),
+        ({**SLURM, "SLURM_NTASKS": "1"}, 1),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}, 1),  # the batch script's own shell, not an srun task
+        ({"OMPI_MCA_orte_hnp_uri": "1;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "4"}, 4),
+        ({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, 4),
+    ],
+)
 def test_cluster_tasks_reads_the_launchers_environment(env, tasks):
     assert distributed.cluster_tasks(env) == tasks
 
@@ -62,14 +65,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-ARGS = ["--config", "configs/quickstart.py", "--config.image_size=32", "--config.num_epochs=1",
-        "--config.data.few_shot_k=8", "--config.batch_size=16", "--config.eval_batch_size=32",
-        "--config.data.val_fraction=0.05", "--config.data.test_fraction=0.05", "--config.log_every_steps=1"]
+ARGS = [
+    "--config",
+    "configs/quickstart.py",
+    "--config.image_size=32",
+    "--config.num_epochs=1",
+    "--config.data.few_shot_k=8",
+    "--config.batch_size=16",
+    "--config.eval_batch_size=32",
+    "--config.data.val_fraction=0.05",
+    "--config.data.test_fraction=0.05",
+    "--config.log_every_steps=1",
+]
 
 
 def _start(workdir: Path, devices: int, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     cache = f"--config.cache_dir={workdir}-features"  # not the user's cache, nor the other run's
     command = [sys.executable, "-m", "launch.train", *ARGS, cache, "--workdir", str(workdir), *extra]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -97,8 +114,9 @@ def _final_params(workdir: Path, step: int) -> list[np.ndarray]:
     path = workdir / "checkpoints" / str(step) / "params"
     checkpointer = ocp.StandardCheckpointer()
     here = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # saved on another topology: name this one
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-                          checkpointer.metadata(path).item_metadata.tree)
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), checkpointer.metadata(path).item_metadata.tree
+    )
     restored = checkpointer.restore(path, target)
     return [np.asarray(x) for x in jax.tree.leaves(restored)]
 
@@ -107,8 +125,20 @@ def test_two_processes_equal_one_process(tmp_path):
     coordinator = f"127.0.0.1:{_free_port()}"
     multi, single = tmp_path / "multi", tmp_path / "single"
     # (data=2 across the processes, fsdp=2 within each) against data=4 in one process
-    procs = [_start(multi, 2, "--config.mesh.fsdp=2", "--coordinator_address", coordinator,
-                    "--num_processes", "2", "--process_id", str(i)) for i in range(2)]
+    procs = [
+        _start(
+            multi,
+            2,
+            "--config.mesh.fsdp=2",
+            "--coordinator_address",
+            coordinator,
+            "--num_processes",
+            "2",
+            "--process_id",
+            str(i),
+        )
+        for i in range(2)
+    ]
     procs.append(_start(single, 4))
     out0, out1, _ = _finish(procs)
     assert "test_accuracy=" in out0 and "test_accuracy=" not in out1  # process 0 alone reports
@@ -122,8 +152,7 @@ def test_two_processes_equal_one_process(tmp_path):
     np.testing.assert_array_equal(predictions[1], predictions[0])
 
     def records(workdir):
-        return [(r["step"], r["split"], r["loss"]) for r in read_metrics(workdir)
-                if r["split"] in ("train", "val")]
+        return [(r["step"], r["split"], r["loss"]) for r in read_metrics(workdir) if r["split"] in ("train", "val")]
 
     ra, rb = records(single), records(multi)
     assert [r[:2] for r in ra] == [r[:2] for r in rb] and len(ra) > 2

@@ -25,8 +25,9 @@ from fxjax.parallel.sharding import fsdp_shardings, fsdp_spec
 T = pytest.importorskip("transformers")
 
 # Every width a multiple of fsdp=4; min_elements=0 so that even these small tensors are split.
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
-            patch_size=8)
+TINY = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8
+)
 FSDP = partial(fsdp_shardings, min_elements=0)
 
 
@@ -49,13 +50,16 @@ def _opt(**kw):
     return opt
 
 
-@pytest.mark.parametrize(("shape", "fsdp", "spec"), [
-    ((32, 64), 4, P(None, "fsdp")),  # out channels preferred
-    ((64, 30), 4, P("fsdp", None)),  # else in channels
-    ((30, 30), 4, P()),  # neither divides: replicated
-    ((3, 3, 1, 24), 4, P(None, None, None, "fsdp")),  # depthwise conv
-    ((32, 64), 1, P()),  # no fsdp axis to split over
-])
+@pytest.mark.parametrize(
+    ("shape", "fsdp", "spec"),
+    [
+        ((32, 64), 4, P(None, "fsdp")),  # out channels preferred
+        ((64, 30), 4, P("fsdp", None)),  # else in channels
+        ((30, 30), 4, P()),  # neither divides: replicated
+        ((3, 3, 1, 24), 4, P(None, None, None, "fsdp")),  # depthwise conv
+        ((32, 64), 1, P()),  # no fsdp axis to split over
+    ],
+)
 def test_fsdp_spec_picks_a_divisible_dimension(shape, fsdp, spec):
     assert fsdp_spec(shape, (-1, -2), fsdp) == spec
 
@@ -80,7 +84,7 @@ def test_vit_parameters_are_split_over_fsdp_and_small_ones_replicated():
 def test_fsdp_features_equal_replicated_features():
     rng = np.random.default_rng(0)
     images = rng.normal(size=(40, 32, 32, 3)).astype(np.float32)
-    batches = [{"image": images[i:i + 16], "mask": np.ones(16, bool)} for i in (0, 16)]
+    batches = [{"image": images[i : i + 16], "mask": np.ones(16, bool)} for i in (0, 16)]
     batches.append({"image": np.concatenate([images[32:], images[:8]]), "mask": np.arange(16) < 8})
     backbone = Backbone(_vit(), PreprocessSpec(size=(32, 32)))
     replicated = features.extract(backbone, iter(batches), total=40, mesh=_mesh(8, 1))["pooled"]
@@ -91,8 +95,16 @@ def test_fsdp_features_equal_replicated_features():
 
 
 def _train(model, frozen, mesh, frozen_sharding, batches, evaluate=True, **opt):
-    trainer = Trainer(model, frozen, num_classes=3, opt_config=_opt(learning_rate=0.05, **opt), total_steps=4,
-                      mesh=mesh, seed=0, frozen_sharding=frozen_sharding)
+    trainer = Trainer(
+        model,
+        frozen,
+        num_classes=3,
+        opt_config=_opt(learning_rate=0.05, **opt),
+        total_steps=4,
+        mesh=mesh,
+        seed=0,
+        frozen_sharding=frozen_sharding,
+    )
     state, losses = trainer.init_state(), []
     for batch in batches:
         state, metrics = trainer.train_step(state, batch)
@@ -104,14 +116,18 @@ def _train(model, frozen, mesh, frozen_sharding, batches, evaluate=True, **opt):
 
 def _batches(shape, n=4):
     rng = np.random.default_rng(1)
-    return [{"x": rng.normal(size=(16, *shape)).astype(np.float32),
-             "label": rng.integers(0, 3, 16).astype(np.int32)} for _ in range(n)]
+    return [
+        {"x": rng.normal(size=(16, *shape)).astype(np.float32), "label": rng.integers(0, 3, 16).astype(np.int32)}
+        for _ in range(n)
+    ]
 
 
 def test_head_on_features_trains_the_same_on_data2_fsdp4_as_on_data8():
     batches = _batches((32,))
-    runs = [_train(Head(32, 3, hidden_dims=(16,), rngs=nnx.Rngs(1)), (), _mesh(d, f), s, batches)
-            for d, f, s in ((8, 1, None), (2, 4, FSDP))]
+    runs = [
+        _train(Head(32, 3, hidden_dims=(16,), rngs=nnx.Rngs(1)), (), _mesh(d, f), s, batches)
+        for d, f, s in ((8, 1, None), (2, 4, FSDP))
+    ]
     (_, a, losses_a, eval_a), (_, b, losses_b, eval_b) = runs
     np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
@@ -128,8 +144,7 @@ def test_online_partly_frozen_vit_with_fsdp_frozen_state_matches_replicated():
         return Classifier(module, Head(32, 3, rngs=nnx.Rngs(1)), frozen_stages=2), frozen_prefixes(module, 2)
 
     (_, a, losses_a, _), (trainer, b, losses_b, _) = [
-        _train(*classifier(), _mesh(d, f), s, batches, evaluate=False)
-        for d, f, s in ((8, 1, None), (2, 4, FSDP))
+        _train(*classifier(), _mesh(d, f), s, batches, evaluate=False) for d, f, s in ((8, 1, None), (2, 4, FSDP))
     ]
     frozen = _local_shapes(trainer.frozen)
     assert frozen["backbone.blocks.0.attn.query.kernel"] == (32, 8)  # block 0 frozen, held 1/4 per device

@@ -59,9 +59,7 @@ class CLIPVision(VisionTransformer):
     ):
         super().__init__(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.projection = (
-            nnx.Linear(
-                spec.dim, projection_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-            )
+            nnx.Linear(spec.dim, projection_dim, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             if projection_dim
             else None
         )

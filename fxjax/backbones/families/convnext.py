@@ -21,8 +21,9 @@ INNER_NORM_EPS = 1e-6  # fixed in the reference for every LayerNorm but the fina
 
 def _layer_norm(features: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # Two-pass variance, as torch computes it: the final norm's eps (1e-12) cannot hide E[x²]-E[x]²'s error.
-    return nnx.LayerNorm(features, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
+    return nnx.LayerNorm(
+        features, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
 
 class Block(nnx.Module):
@@ -36,8 +37,11 @@ class Block(nnx.Module):
         self.pwconv1 = nnx.Linear(dim, 4 * dim, dot_general=dot_general, **kw)
         self.pwconv2 = nnx.Linear(4 * dim, dim, dot_general=dot_general, **kw)
         self.activation = activation(config.hidden_act)
-        self.layer_scale = (nnx.Param(jnp.full((dim,), config.layer_scale_init_value, param_dtype))
-                            if config.layer_scale_init_value > 0 else None)
+        self.layer_scale = (
+            nnx.Param(jnp.full((dim,), config.layer_scale_init_value, param_dtype))
+            if config.layer_scale_init_value > 0
+            else None
+        )
         self.dtype = dtype
 
     def __call__(self, x):  # [n, h, w, dim]
@@ -48,13 +52,13 @@ class Block(nnx.Module):
 
 
 class Stage(nnx.Module):
-    def __init__(self, cin: int, cout: int, stride: int, depth: int, config, *, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, cin: int, cout: int, stride: int, depth: int, config, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         downsamples = cin != cout or stride > 1
         self.downsample_norm = _layer_norm(cin, INNER_NORM_EPS, **kw) if downsamples else None
-        self.downsample = (nnx.Conv(cin, cout, (stride, stride), strides=stride, padding="VALID", **kw)
-                           if downsamples else None)
+        self.downsample = (
+            nnx.Conv(cin, cout, (stride, stride), strides=stride, padding="VALID", **kw) if downsamples else None
+        )
         self.layers = nnx.List([Block(cout, config, **kw) for _ in range(depth)])
 
     def __call__(self, x):  # [n, h, w, cin] → [n, h / stride, w / stride, cout]
@@ -72,8 +76,9 @@ class ConvNext(nnx.Module):
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         patch, width = config.patch_size, config.hidden_sizes[0]
-        self.patch_embeddings = nnx.Conv(config.num_channels, width, (patch, patch), strides=patch,
-                                         padding="VALID", **kw)
+        self.patch_embeddings = nnx.Conv(
+            config.num_channels, width, (patch, patch), strides=patch, padding="VALID", **kw
+        )
         self.embeddings_norm = _layer_norm(width, INNER_NORM_EPS, **kw)
         stages, cin = [], width
         for i in range(config.num_stages):
@@ -90,6 +95,7 @@ class ConvNext(nnx.Module):
 
     def __call__(self, x, *, frozen_stages: int = 0) -> dict:
         """x: [n, h, w, c] normalised. What leaves the first `frozen_stages` stages carries no gradient."""
+
         def boundary(y, index):
             return jax.lax.stop_gradient(y) if index < frozen_stages else y
 
@@ -114,17 +120,22 @@ def conversion_rules(config) -> list[Rule]:
     layer = rf"{p}encoder\.stages\.(\d+)\.layers\.(\d+)"
     down = rf"{p}encoder\.stages\.(\d+)\.downsampling_layer"
     rules = [Rule(r"classifier\..*", None)]  # ImageNet classifier unused
-    rules += [Rule(rf"{p}embeddings\.patch_embeddings\.weight", "patch_embeddings.kernel", "conv"),
-              Rule(rf"{p}embeddings\.patch_embeddings\.bias", "patch_embeddings.bias"),
-              Rule(rf"{down}\.1\.weight", r"stages.\1.downsample.kernel", "conv"),
-              Rule(rf"{down}\.1\.bias", r"stages.\1.downsample.bias"),
-              Rule(rf"{layer}\.dwconv\.weight", r"stages.\1.layers.\2.dwconv.kernel", "conv"),
-              Rule(rf"{layer}\.dwconv\.bias", r"stages.\1.layers.\2.dwconv.bias"),
-              Rule(rf"{layer}\.(pwconv[12])\.weight", r"stages.\1.layers.\2.\3.kernel", "dense"),
-              Rule(rf"{layer}\.(pwconv[12])\.bias", r"stages.\1.layers.\2.\3.bias"),
-              Rule(rf"{layer}\.layer_scale_parameter", r"stages.\1.layers.\2.layer_scale")]
-    for theirs, ours in ((rf"{p}embeddings\.layernorm", "embeddings_norm"), (rf"{p}layernorm", "layernorm"),
-                         (rf"{down}\.0", r"stages.\1.downsample_norm"),
-                         (rf"{layer}\.layernorm", r"stages.\1.layers.\2.layernorm")):
+    rules += [
+        Rule(rf"{p}embeddings\.patch_embeddings\.weight", "patch_embeddings.kernel", "conv"),
+        Rule(rf"{p}embeddings\.patch_embeddings\.bias", "patch_embeddings.bias"),
+        Rule(rf"{down}\.1\.weight", r"stages.\1.downsample.kernel", "conv"),
+        Rule(rf"{down}\.1\.bias", r"stages.\1.downsample.bias"),
+        Rule(rf"{layer}\.dwconv\.weight", r"stages.\1.layers.\2.dwconv.kernel", "conv"),
+        Rule(rf"{layer}\.dwconv\.bias", r"stages.\1.layers.\2.dwconv.bias"),
+        Rule(rf"{layer}\.(pwconv[12])\.weight", r"stages.\1.layers.\2.\3.kernel", "dense"),
+        Rule(rf"{layer}\.(pwconv[12])\.bias", r"stages.\1.layers.\2.\3.bias"),
+        Rule(rf"{layer}\.layer_scale_parameter", r"stages.\1.layers.\2.layer_scale"),
+    ]
+    for theirs, ours in (
+        (rf"{p}embeddings\.layernorm", "embeddings_norm"),
+        (rf"{p}layernorm", "layernorm"),
+        (rf"{down}\.0", r"stages.\1.downsample_norm"),
+        (rf"{layer}\.layernorm", r"stages.\1.layers.\2.layernorm"),
+    ):
         rules += [Rule(rf"{theirs}\.{k}", f"{ours}.{v}") for k, v in norm.items()]
     return rules

@@ -23,10 +23,15 @@ def spec(config) -> TransformerSpec:
     if config.use_swiglu_ffn:  # two thirds of the MLP width, rounded up to a multiple of 8
         mlp_dim = (int(mlp_dim * 2 / 3) + 7) // 8 * 8
     registers = config.model_type == "dinov2_with_registers"
-    return TransformerSpec.from_hf(config, mlp_dim=mlp_dim, qkv_bias=config.qkv_bias,
-                                   gated_mlp=config.use_swiglu_ffn, layer_scale=config.layerscale_value,
-                                   register_tokens=config.num_register_tokens if registers else 0,
-                                   antialias_positions=registers)
+    return TransformerSpec.from_hf(
+        config,
+        mlp_dim=mlp_dim,
+        qkv_bias=config.qkv_bias,
+        gated_mlp=config.use_swiglu_ffn,
+        layer_scale=config.layerscale_value,
+        register_tokens=config.num_register_tokens if registers else 0,
+        antialias_positions=registers,
+    )
 
 
 def build(config, *, dtype, param_dtype, rngs: nnx.Rngs) -> VisionTransformer:

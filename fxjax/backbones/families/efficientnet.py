@@ -96,24 +96,58 @@ class EfficientNetConfig:
 
 # (width, depth, resolution) per variant, as published with the TF reference implementations.
 VARIANTS = {
-    **{f"efficientnet-lite{i}": EfficientNetConfig(w, d, r, lite=True) for i, (w, d, r) in enumerate(
-        [(1.0, 1.0, 224), (1.0, 1.1, 240), (1.1, 1.2, 260), (1.2, 1.4, 280), (1.4, 1.8, 300)])},
-    **{f"efficientnet-b{i}": EfficientNetConfig(w, d, r, lite=False) for i, (w, d, r) in enumerate(
-        [(1.0, 1.0, 224), (1.0, 1.1, 240), (1.1, 1.2, 260), (1.2, 1.4, 300), (1.4, 1.8, 380),
-         (1.6, 2.2, 456), (1.8, 2.6, 528), (2.0, 3.1, 600)])},
+    **{
+        f"efficientnet-lite{i}": EfficientNetConfig(w, d, r, lite=True)
+        for i, (w, d, r) in enumerate(
+            [(1.0, 1.0, 224), (1.0, 1.1, 240), (1.1, 1.2, 260), (1.2, 1.4, 280), (1.4, 1.8, 300)]
+        )
+    },
+    **{
+        f"efficientnet-b{i}": EfficientNetConfig(w, d, r, lite=False)
+        for i, (w, d, r) in enumerate(
+            [
+                (1.0, 1.0, 224),
+                (1.0, 1.1, 240),
+                (1.1, 1.2, 260),
+                (1.2, 1.4, 300),
+                (1.4, 1.8, 380),
+                (1.6, 2.2, 456),
+                (1.8, 2.6, 528),
+                (2.0, 3.1, 600),
+            ]
+        )
+    },
 }
 
 
 def from_hf(config) -> EfficientNetConfig:
     """A transformers `EfficientNetConfig` → this module's config (B variant, transformers' padding and skips)."""
-    blocks = tuple(BlockArgs(*args) for args in zip(config.num_block_repeats, config.kernel_sizes, config.strides,
-                                                     config.expand_ratios, config.in_channels, config.out_channels))
+    blocks = tuple(
+        BlockArgs(*args)
+        for args in zip(
+            config.num_block_repeats,
+            config.kernel_sizes,
+            config.strides,
+            config.expand_ratios,
+            config.in_channels,
+            config.out_channels,
+        )
+    )
     size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
     return EfficientNetConfig(
-        width=config.width_coefficient, depth=config.depth_coefficient, resolution=size, lite=False,
-        se_ratio=config.squeeze_expansion_ratio, batch_norm_eps=config.batch_norm_eps,
-        depth_divisor=config.depth_divisor, base_blocks=blocks, hidden_act=config.hidden_act, padding="hf",
-        depthwise_padding=tuple(config.depthwise_padding), first_block_skip=False, pooling=config.pooling_type,
+        width=config.width_coefficient,
+        depth=config.depth_coefficient,
+        resolution=size,
+        lite=False,
+        se_ratio=config.squeeze_expansion_ratio,
+        batch_norm_eps=config.batch_norm_eps,
+        depth_divisor=config.depth_divisor,
+        base_blocks=blocks,
+        hidden_act=config.hidden_act,
+        padding="hf",
+        depthwise_padding=tuple(config.depthwise_padding),
+        first_block_skip=False,
+        pooling=config.pooling_type,
     )
 
 
@@ -136,15 +170,30 @@ def _conv(cin, cout, kernel, *, stride=1, bias=False, padding="SAME", dtype, par
 
 def _bn(features, config, *, dtype, param_dtype, rngs):
     # Backbone BatchNorm always uses its running statistics: frozen or fine-tuned with small batches alike.
-    return nnx.BatchNorm(features, use_running_average=True, epsilon=config.batch_norm_eps,
-                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return nnx.BatchNorm(
+        features,
+        use_running_average=True,
+        epsilon=config.batch_norm_eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
 
 
 class MBConv(nnx.Module):
     """Mobile inverted bottleneck: expand (1x1) → depthwise → [squeeze-excitation] → project (1x1) → +skip."""
 
-    def __init__(self, args: BlockArgs, config: EfficientNetConfig, *, residual: bool, depthwise_padding="SAME",
-                 dtype, param_dtype, rngs):
+    def __init__(
+        self,
+        args: BlockArgs,
+        config: EfficientNetConfig,
+        *,
+        residual: bool,
+        depthwise_padding="SAME",
+        dtype,
+        param_dtype,
+        rngs,
+    ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         hidden = args.filters_in * args.expand
         self.activation = config.activation
@@ -188,8 +237,11 @@ class EfficientNet(nnx.Module):
             blocks = []
             for j in range(args.repeats):
                 block_args = args if j == 0 else replace(args, filters_in=args.filters_out, stride=1)
-                skips = (block_args.stride == 1 and block_args.filters_in == block_args.filters_out
-                         and (j > 0 or config.first_block_skip))
+                skips = (
+                    block_args.stride == 1
+                    and block_args.filters_in == block_args.filters_out
+                    and (j > 0 or config.first_block_skip)
+                )
                 padding = _depthwise_padding(config, block_args.kernel, block_args.stride, flat_index)
                 blocks.append(MBConv(block_args, config, residual=skips, depthwise_padding=padding, **kw))
                 flat_index += 1
@@ -208,6 +260,7 @@ class EfficientNet(nnx.Module):
 
     def __call__(self, x, *, frozen_stages: int = 0) -> dict:
         """x: [n, h, w, 3] normalised. Activations leaving the first `frozen_stages` stages carry no gradient."""
+
         def boundary(y, index):
             return jax.lax.stop_gradient(y) if index < frozen_stages else y
 
@@ -254,6 +307,7 @@ def conversion_rules(config) -> list[Rule]:
 
 def efficientnet_pytorch_rules(config: EfficientNetConfig) -> list[Rule]:
     """EfficientNet-PyTorch (`_conv_stem`, `_blocks.N._expand_conv`, ...) names → module paths."""
+
     def block(torch_suffix: str, ours: str, transform: str = "none") -> Rule:
         return _block_rule(config, r"_blocks\.", torch_suffix, ours, transform)
 
@@ -263,8 +317,13 @@ def efficientnet_pytorch_rules(config: EfficientNetConfig) -> list[Rule]:
         rules += [Rule(rf"{torch_name}\.{k}", f"{ours}.{v}") for k, v in _BN.items()]
     for torch_name, ours in (("_bn0", "expand_bn"), ("_bn1", "depthwise_bn"), ("_bn2", "project_bn")):
         rules += [block(f"{torch_name}.{k}", f"{ours}.{v}") for k, v in _BN.items()]
-    for torch_name, ours in (("_expand_conv", "expand"), ("_depthwise_conv", "depthwise"),
-                             ("_project_conv", "project"), ("_se_reduce", "se_reduce"), ("_se_expand", "se_expand")):
+    for torch_name, ours in (
+        ("_expand_conv", "expand"),
+        ("_depthwise_conv", "depthwise"),
+        ("_project_conv", "project"),
+        ("_se_reduce", "se_reduce"),
+        ("_se_expand", "se_expand"),
+    ):
         rules += [block(f"{torch_name}.weight", f"{ours}.kernel", "conv"), block(f"{torch_name}.bias", f"{ours}.bias")]
     return rules
 
@@ -277,15 +336,23 @@ def hf_rules(config: EfficientNetConfig) -> list[Rule]:
         return _block_rule(config, rf"{p}encoder\.blocks\.", suffix, ours, transform)
 
     rules = [Rule(r".*num_batches_tracked", None), Rule(r"classifier\..*", None)]  # ImageNet classifier unused
-    rules += [Rule(rf"{p}embeddings\.convolution\.weight", "stem.kernel", "conv"),
-              Rule(rf"{p}encoder\.top_conv\.weight", "head.kernel", "conv")]
+    rules += [
+        Rule(rf"{p}embeddings\.convolution\.weight", "stem.kernel", "conv"),
+        Rule(rf"{p}encoder\.top_conv\.weight", "head.kernel", "conv"),
+    ]
     for theirs, ours in ((r"embeddings\.batchnorm", "stem_bn"), (r"encoder\.top_bn", "head_bn")):
         rules += [Rule(rf"{p}{theirs}\.{k}", f"{ours}.{v}") for k, v in _BN.items()]
-    for theirs, ours in (("expansion.expand_bn", "expand_bn"), ("depthwise_conv.depthwise_norm", "depthwise_bn"),
-                         ("projection.project_bn", "project_bn")):
+    for theirs, ours in (
+        ("expansion.expand_bn", "expand_bn"),
+        ("depthwise_conv.depthwise_norm", "depthwise_bn"),
+        ("projection.project_bn", "project_bn"),
+    ):
         rules += [block(f"{theirs}.{k}", f"{ours}.{v}") for k, v in _BN.items()]
-    for theirs, ours in (("expansion.expand_conv", "expand"), ("depthwise_conv.depthwise_conv", "depthwise"),
-                         ("projection.project_conv", "project")):
+    for theirs, ours in (
+        ("expansion.expand_conv", "expand"),
+        ("depthwise_conv.depthwise_conv", "depthwise"),
+        ("projection.project_conv", "project"),
+    ):
         rules.append(block(f"{theirs}.weight", f"{ours}.kernel", "conv"))
     for theirs, ours in (("squeeze_excite.reduce", "se_reduce"), ("squeeze_excite.expand", "se_expand")):
         rules += [block(f"{theirs}.weight", f"{ours}.kernel", "conv"), block(f"{theirs}.bias", f"{ours}.bias")]

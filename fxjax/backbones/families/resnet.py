@@ -21,13 +21,22 @@ BATCH_NORM_EPS = 1e-5  # torch.nn.BatchNorm2d's default; the HF config has no fi
 class ConvBN(nnx.Module):
     """Convolution without bias → BatchNorm (HF `ResNetConvLayer` / `ResNetShortCut`, less the activation)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, *, stride: int = 1, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, cin: int, cout: int, kernel: int, *, stride: int = 1, dtype, param_dtype, rngs: nnx.Rngs):
         pad = kernel // 2
-        self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                             use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.bn = nnx.BatchNorm(cout, use_running_average=True, epsilon=BATCH_NORM_EPS, dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs)
+        self.conv = nnx.Conv(
+            cin,
+            cout,
+            (kernel, kernel),
+            strides=stride,
+            padding=((pad, pad), (pad, pad)),
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.bn = nnx.BatchNorm(
+            cout, use_running_average=True, epsilon=BATCH_NORM_EPS, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
 
     def __call__(self, x):  # [n, h, w, cin] → [n, h / stride, w / stride, cout]
         return self.bn(self.conv(x))
@@ -81,6 +90,7 @@ class ResNet(nnx.Module):
 
     def __call__(self, x, *, frozen_stages: int = 0) -> dict:
         """x: [n, h, w, c] normalised. What leaves the first `frozen_stages` stages carries no gradient."""
+
         def boundary(y, index):
             return jax.lax.stop_gradient(y) if index < frozen_stages else y
 
@@ -106,8 +116,10 @@ def conversion_rules(config) -> list[Rule]:
     bn = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
     # BatchNorm's step counter and the ImageNet classifier are not used.
     rules = [Rule(r".*num_batches_tracked", None), Rule(r"classifier\..*", None)]
-    sites = ((r"embedder\.embedder", "embedder"),
-             (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(layer\.\d+|shortcut)", r"stages.\1.\2.\3"))
+    sites = (
+        (r"embedder\.embedder", "embedder"),
+        (r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(layer\.\d+|shortcut)", r"stages.\1.\2.\3"),
+    )
     for theirs, ours in sites:
         rules.append(Rule(rf"{prefix}{theirs}\.convolution\.weight", f"{ours}.conv.kernel", "conv"))
         rules += [Rule(rf"{prefix}{theirs}\.normalization\.{k}", f"{ours}.bn.{v}") for k, v in bn.items()]

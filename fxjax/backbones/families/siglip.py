@@ -50,9 +50,7 @@ class AttentionPool(nnx.Module):
         q = self.probe[...].astype(self.dtype) @ w[:, :d] + b[:d]  # [1, 1, d]
         kv = x.astype(self.dtype) @ w[:, d:] + b[d:]  # [n, t, 2d]
         k, v = jnp.split(kv.reshape(n, t, 2, self.heads, d // self.heads), 2, axis=2)
-        q = jnp.broadcast_to(
-            q.reshape(1, 1, self.heads, d // self.heads), (n, 1, self.heads, d // self.heads)
-        )
+        q = jnp.broadcast_to(q.reshape(1, 1, self.heads, d // self.heads), (n, 1, self.heads, d // self.heads))
         y = self.out(jax.nn.dot_product_attention(q, k[:, :, 0], v[:, :, 0]).reshape(n, 1, d))
         return (y + self.mlp(self.norm(y)))[:, 0]
 

@@ -250,22 +250,16 @@ def _to_array(t: _Tensor, buf: bytes, name: str, path: PathLike) -> np.ndarray:
         return np.empty(t.size, t.dtype)
     last = t.offset + sum((s - 1) * st for s, st in zip(t.size, t.stride, strict=True))
     if last >= flat.size:
-        raise CheckpointError(
-            f"{path}: tensor '{name}' reaches element {last} of a {flat.size}-element storage"
-        )
+        raise CheckpointError(f"{path}: tensor '{name}' reaches element {last} of a {flat.size}-element storage")
     if n > flat.size:
         # Overlapping strides could otherwise expand a small storage into a copy far larger than the file.
-        raise CheckpointError(
-            f"{path}: tensor '{name}' has {n} elements, more than its storage ({flat.size})"
-        )
+        raise CheckpointError(f"{path}: tensor '{name}' has {n} elements, more than its storage ({flat.size})")
     strides = tuple(st * t.dtype.itemsize if s > 1 else 0 for s, st in zip(t.size, t.stride, strict=True))
     view = np.lib.stride_tricks.as_strided(flat[t.offset :], shape=t.size, strides=strides)
     return view.copy()
 
 
-def _to_arrays(
-    refs: dict[str, _Tensor], load: Callable[[str], bytes], path: PathLike
-) -> dict[str, np.ndarray]:
+def _to_arrays(refs: dict[str, _Tensor], load: Callable[[str], bytes], path: PathLike) -> dict[str, np.ndarray]:
     storages: dict[str, bytes] = {}
     out = {}
     for name, t in refs.items():
@@ -285,9 +279,7 @@ def _read_torch_zip(path: Path) -> dict[str, np.ndarray]:
             except KeyError:
                 raise CheckpointError(f"{path}: missing zip entry '{name}'") from None
             if info.file_size > archive_size:  # a zip bomb, or a corrupt header
-                raise CheckpointError(
-                    f"{path}: entry '{name}' claims {info.file_size} bytes, more than the file"
-                )
+                raise CheckpointError(f"{path}: entry '{name}' claims {info.file_size} bytes, more than the file")
             return zf.read(info)
 
         names = set(zf.namelist())
@@ -307,9 +299,7 @@ def _read_torch_legacy(path: Path, mm: mmap.mmap) -> dict[str, np.ndarray]:
     except UnsafeCheckpointError:
         raise
     except CheckpointError as e:
-        raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint (neither a zip archive nor a legacy pickle)"
-        ) from e
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a legacy pickle)") from e
     if magic != _LEGACY_MAGIC:
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (bad magic number)")
     protocol, _ = _unpickle(mm, path)
