@@ -100,7 +100,8 @@ def load_backbone(
 
 
 def resolve(name: str, revision: str | None = None) -> tuple[Path, str | None]:
-    """A local folder or checkpoint file, or a Hub repo id fetched into (or found in) huggingface_hub's cache → (folder, commit)."""
+    """A local folder or checkpoint file, or a Hub repo id fetched into (or found in) huggingface_hub's cache
+    → (path, commit)."""
     path = Path(name).expanduser()
     if path.is_dir() or (path.is_file() and checkpoints.find_layout(path) is not None):
         return path, revision
