@@ -3,14 +3,13 @@
     PYTHONPATH=. python bench/heads.py [--n-train 20000] [--dim 1280] [--classes 10] [--batch 256]
         [--epochs 5] [--heads 64] [--online-batch 64] [--online-batches 3]
 
-(a) `fxjax.heads.sweep.train_sweep` with `--heads` heads (a learning-rate x weight-decay grid) vs the same sweep
-with one head, on the same synthetic features, batches and steps; the current one-head path (`Trainer` +
-`Head` on `FeatureBatches`, as `experiment.run` trains in cached mode) is timed beside them. Times exclude
-compilation.
+(a) `fxjax.heads.engine.Engine` with `--heads` stacked heads (a learning-rate x weight-decay grid) vs the same
+engine with one head (what `experiment.run` trains without a sweep), on the same synthetic features, batches and
+steps. Times exclude compilation.
 
 (b) One training epoch on scikit-learn digits (the train split of `load_dataset("digits")`) with the built-in
-efficientnet-lite0 at 224 px, batch `--online-batch`: cached mode (`Trainer` + `Head` on pooled features) vs
-online mode (`Trainer` on `Classifier`: frozen backbone forward + head step per batch). The online epoch is
+efficientnet-lite0 at 224 px, batch `--online-batch`: cached mode (the engine's head on pooled features) vs
+online mode (the engine on `Classifier`: frozen backbone forward + head step per batch). The online epoch is
 measured on `--online-batches` batches after a warm-up batch and extrapolated to the epoch's step count;
 images are preprocessed beforehand, so the online time excludes data loading (a real online epoch is slower
 still). The cached epoch runs on random features of the real shape: a head step does not depend on values.
@@ -30,13 +29,13 @@ from machine import copy_bytes_per_second, fma_peak_flops_per_second
 
 import fxjax
 from fxjax import parallel
-from fxjax.config import default_config, frozen_stages
+from fxjax.config import default_config
 from fxjax.data import images as pipeline
+from fxjax.data.features import FeatureBatches, feature_eval_batches
 from fxjax.data.sources import load_dataset
-from fxjax.heads.engine import Classifier, FeatureBatches, Trainer
-from fxjax.heads.freeze import frozen_prefixes
-from fxjax.heads.heads import Head
-from fxjax.heads.sweep import train_sweep
+from fxjax.heads.engine import Engine
+from fxjax.heads.freeze import frozen_patterns, trainable
+from fxjax.heads.heads import Classifier, Head
 
 
 def synthetic(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -48,52 +47,47 @@ def synthetic(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray
     return x.astype(np.float32), y.astype(np.int32)
 
 
-def trainer_epochs(trainer: Trainer, batches, steps: int) -> float:
+def engine_seconds(engine: Engine, batches, steps: int) -> float:
     """Seconds for `steps` train steps after one warm-up (compiling) step."""
-    state, _ = trainer.train_step(trainer.init_state(), next(batches))
+    state, _ = engine.train_step(engine.init_state(), next(batches))
     start = time.perf_counter()
     for _ in range(steps):
-        state, _ = trainer.train_step(state, next(batches))
+        state, _ = engine.train_step(state, next(batches))
     jax.block_until_ready(state.params)
     return time.perf_counter() - start
+
+
+def _heads_engine(dim, classes, opt, total_steps, mesh, hyper=None) -> Engine:
+    model = Classifier(None, Head(dim, classes, rngs=nnx.Rngs(0)))
+    return Engine({"pooled": model}, trainable(()), num_classes=classes, opt_config=opt, total_steps=total_steps,
+                  mesh=mesh, seed=0, hyper=None if hyper is None else {"pooled": hyper})  # fmt: skip
 
 
 def bench_sweep(args, mesh) -> tuple[list[tuple[str, float, int]], float]:
     n_eval = 1000
     x, y = synthetic(args.n_train + 2 * n_eval, args.dim, args.classes)
-    splits = (x[: args.n_train], x[args.n_train : -n_eval], x[-n_eval:])
-    labels = (y[: args.n_train], y[args.n_train : -n_eval], y[-n_eval:])
+    train, val = x[: args.n_train], x[args.n_train : -n_eval]
+    train_y, val_y = y[: args.n_train], y[args.n_train : -n_eval]
     side = int(np.sqrt(args.heads))
     lrs, wds = np.logspace(-4, -1, side).tolist(), np.logspace(-5, -1, args.heads // side).tolist()
+    grid = {"learning_rate": [lr for lr in lrs for _ in wds], "weight_decay": [wd for _ in lrs for wd in wds]}
     opt = default_config().optimizer
-    common = {
-        "num_classes": args.classes,
-        "opt_config": opt,
-        "batch_size": args.batch,
-        "num_epochs": args.epochs,
-        "seed": 0,
-        "mesh": mesh,
-    }
-    many = train_sweep({"pooled": splits}, labels, learning_rates=lrs, weight_decays=wds, **common)
-    one = train_sweep({"pooled": splits}, labels, learning_rates=[1e-3], weight_decays=[1e-4], **common)
-    trainer = Trainer(
-        Head(args.dim, args.classes, rngs=nnx.Rngs(0)),
-        (),
-        num_classes=args.classes,
-        opt_config=opt,
-        total_steps=one.total_steps,
-        mesh=mesh,
-        seed=0,
-    )
-    batches = FeatureBatches(splits[0], labels[0], batch_size=args.batch, seed=0)
-    trainer_s = trainer_epochs(trainer, batches, one.total_steps)
-    heads = len(many.table)
+    steps = args.n_train // args.batch * args.epochs
+    many = _heads_engine(args.dim, args.classes, opt, steps, mesh, grid)
+    one = _heads_engine(args.dim, args.classes, opt, steps, mesh)
+    many_s = engine_seconds(many, FeatureBatches(train, train_y, batch_size=args.batch, seed=0), steps)
+    one_s = engine_seconds(one, FeatureBatches(train, train_y, batch_size=args.batch, seed=0), steps)
+    state = many.init_state()
+    batches = FeatureBatches(train, train_y, batch_size=args.batch, seed=0)
+    for _ in range(steps):
+        state, _ = many.train_step(state, next(batches))
+    best = float(np.nanmax(many.evaluate(state.params, feature_eval_batches(val, val_y, 256))["pooled"]["accuracy"]))
+    heads = len(grid["learning_rate"])
     return [
-        (f"sweep, {heads} heads", many.train_seconds, many.total_steps),
-        ("sweep, 1 head", one.train_seconds, one.total_steps),
-        ("Trainer + Head, 1 head", trainer_s, one.total_steps),
-        (f"Trainer + Head, {heads} heads one by one (extrapolated)", trainer_s * heads, one.total_steps * heads),
-    ], many.best["val_accuracy"]
+        (f"engine, {heads} heads", many_s, steps),
+        ("engine, 1 head", one_s, steps),
+        (f"engine, {heads} heads one by one (extrapolated)", one_s * heads, steps * heads),
+    ], best
 
 
 def bench_modes(args, mesh) -> dict:
@@ -102,34 +96,26 @@ def bench_modes(args, mesh) -> dict:
     train = data.splits["train"]
     steps_per_epoch = len(train) // args.online_batch
     opt = default_config().optimizer
-    stages = frozen_stages("all", backbone.num_stages)
 
     head = Head(backbone.feature_dim, data.num_classes, rngs=nnx.Rngs(0))
-    online = Trainer(
-        Classifier(backbone.module, head, stages),
-        frozen_prefixes(backbone.module, stages),
+    online = Engine(
+        {"pooled": Classifier(backbone.module, head)},
+        trainable(frozen_patterns("all", backbone.module.stage_paths())),
         num_classes=data.num_classes,
         opt_config=opt,
         total_steps=steps_per_epoch,
         mesh=mesh,
         seed=0,
+        compiler_options=backbone.compiler_options,
     )
     images = pipeline.eval_batches(train, backbone.preprocess, batch_size=args.online_batch)
-    batches = ({"x": b["image"], "label": b["label"]} for b in itertools.islice(images, args.online_batches + 1))
-    online_s = trainer_epochs(online, batches, args.online_batches) / args.online_batches * steps_per_epoch
+    batches = ({"x": b["x"], "label": b["label"]} for b in itertools.islice(images, args.online_batches + 1))
+    online_s = engine_seconds(online, batches, args.online_batches) / args.online_batches * steps_per_epoch
 
     feats = np.random.default_rng(0).normal(size=(len(train), backbone.feature_dim)).astype(np.float32)
     train_y = np.asarray([train.label(i) for i in range(len(train))], np.int32)
-    cached = Trainer(
-        Head(backbone.feature_dim, data.num_classes, rngs=nnx.Rngs(0)),
-        (),
-        num_classes=data.num_classes,
-        opt_config=opt,
-        total_steps=steps_per_epoch,
-        mesh=mesh,
-        seed=0,
-    )
-    cached_s = trainer_epochs(
+    cached = _heads_engine(backbone.feature_dim, data.num_classes, opt, steps_per_epoch, mesh)
+    cached_s = engine_seconds(
         cached, FeatureBatches(feats, train_y, batch_size=args.online_batch, seed=0), steps_per_epoch
     )
     return {
@@ -167,10 +153,10 @@ def main() -> None:
         f"{args.epochs} epochs; training loop only (compilation excluded). Best val accuracy "
         f"{best_acc:.3f}.\n"
     )
-    print("| run | steps | seconds | ms / step | time vs sweep of 1 head | per head vs sweep of 1 head |")
+    print("| run | steps | seconds | ms / step | time vs 1 head | per head vs 1 head |")
     print("|---|---:|---:|---:|---:|---:|")
     base = rows[1][1]
-    for (name, seconds, steps), heads in zip(rows, (args.heads, 1, 1, args.heads)):
+    for (name, seconds, steps), heads in zip(rows, (args.heads, 1, args.heads)):
         print(
             f"| {name} | {steps} | {seconds:.2f} | {seconds / steps * 1e3:.2f} | {seconds / base:.2f}x | "
             f"{seconds / heads / base:.3f}x |"
@@ -179,16 +165,15 @@ def main() -> None:
         # What no implementation can beat on this machine: per step, the forward and the weight-gradient
         # matmuls of every head (2 x 2·b·d·c·H FLOPs) at the FMA peak, plus reading and writing each head's
         # parameters and two Adam moments once (6 x 4 bytes per weight) at the copy bandwidth; on top of the
-        # one-head sweep's own time (feeding the batches, which 64 heads need just the same).
+        # one-head engine's own time (feeding the batches, which 64 heads need just the same).
         steps, weights = rows[0][2], args.heads * (args.dim + 1) * args.classes
         flops = steps * 2 * 2 * args.batch * args.dim * args.classes * args.heads
         floor = flops / peak + steps * 6 * 4 * weights / bandwidth
         print(
             f"\nFloor for {args.heads} heads here: {flops / 1e9:.0f} GFLOP at the fp32 FMA peak "
             f"({peak / 1e9:.0f} GFLOP/s) + optimizer-state traffic at {bandwidth / 1e9:.0f} GB/s = "
-            f"{floor:.2f} s on top of the one-head sweep's {base:.2f} s: at best "
-            f"{(floor + base) / base:.2f}x a sweep of 1 head, {(floor + base) / rows[2][1]:.2f}x "
-            f"`Trainer` + `Head`."
+            f"{floor:.2f} s on top of the one-head engine's {base:.2f} s: at best "
+            f"{(floor + base) / base:.2f}x one head."
         )
     ratio = modes["online_s"] / modes["cached_s"]
     print(

@@ -83,7 +83,7 @@ def _images_per_second(source, workers: int, augment: bool, batches: int, batch_
     for _ in range(3):
         start = time.perf_counter()
         for batch in itertools.islice(iterator, batches):
-            assert batch["image"].shape == (batch_size, 224, 224, 3)
+            assert batch["x"].shape == (batch_size, 224, 224, 3)
         rates.append(batches * batch_size / (time.perf_counter() - start))
     return max(rates)
 

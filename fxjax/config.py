@@ -13,7 +13,7 @@ MODES = ("auto", "cached", "online")
 
 def default_config() -> ml_collections.ConfigDict:
     """Every key an experiment may set. Config files start from this; `resolve` rejects any key it lacks."""
-    c = ml_collections.ConfigDict(type_safe=False)  # freeze takes a name or a stage count
+    c = ml_collections.ConfigDict()  # every key keeps its default's type
     c.seed = 0
     c.backbone = "efficientnet-lite0"  # built-in name, local Hugging Face folder or Hub repo id
     c.revision = config_dict.placeholder(str)
@@ -22,7 +22,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Input resolution; unset: the backbone's own. Convolutional backbones and ViTs (interpolated position
     # embeddings) run at other sizes; small inputs (e.g. 8x8 digits) gain little from upscaling to 224.
     c.image_size = config_dict.placeholder(int)
-    # What stays frozen: "all" (the whole backbone), "none", or K = the first K backbone stages.
+    # What stays frozen: "all" (the whole backbone), "none", "K" (the first K backbone stages), or
+    # "re:<pattern>" (parameter paths such as backbone.blocks.0.attn.query.kernel that match).
     c.freeze = "all"
     # cached: features computed once, heads trained on them; online: backbone forward in every step
     # (needed for augmentation and partial unfreezing); auto: cached when nothing needs the backbone online.
@@ -98,16 +99,33 @@ def _unknown_keys(user, reference, prefix="") -> list[str]:
     return problems
 
 
-def _merge(dst: ml_collections.ConfigDict, src: ml_collections.ConfigDict) -> None:
+def _set(node: ml_collections.ConfigDict, key: str, value, name: str) -> None:
+    """Assigns with the default's type fixed: a value of another type is an error naming the key."""
+    expected = node.get_type(key)
+    if expected is tuple and isinstance(value, list):
+        value = tuple(value)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    wrong = value is not None and expected is not type(None) and not isinstance(value, expected)
+    if wrong or (expected is int and isinstance(value, bool)):
+        raise ValueError(f"config.{name}={value!r}: expected {_TYPE_NAMES.get(expected, expected.__name__)}")
+    node[key] = value
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", tuple: "a tuple"}
+
+
+def _merge(dst: ml_collections.ConfigDict, src: ml_collections.ConfigDict, prefix: str = "") -> None:
     for key in src.keys():
         if isinstance(src[key], ml_collections.ConfigDict):
-            _merge(dst[key], src[key])
+            _merge(dst[key], src[key], f"{prefix}{key}.")
         else:
-            dst[key] = src[key]
+            _set(dst, key, src[key], prefix + key)
 
 
 def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Defaults overlaid with the user's config; an unknown key anywhere is an error that names it."""
+    """Defaults overlaid with the user's config; an unknown key anywhere, or a value of the wrong type, is an
+    error that names it."""
     reference = default_config()
     problems = _unknown_keys(user, reference)
     if problems:
@@ -119,36 +137,77 @@ def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
-    """Applies a command-line override `--config.a.b=text`, parsed as the existing field's type."""
+    """Applies a command-line override `--config.a.b=text`, parsed as the type of the key's default."""
     keys = dotted.split(".")
-    node = config
+    node, reference = config, default_config()
     for i, key in enumerate(keys):
-        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
-            choices = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        if not isinstance(reference, ml_collections.ConfigDict) or key not in reference:
+            choices = list(reference.keys()) if isinstance(reference, ml_collections.ConfigDict) else []
             close = difflib.get_close_matches(key, choices, n=1)
             hint = f" (did you mean {'.'.join(keys[:i] + close[:1])!r}?)" if close else ""
             raise ValueError(f"unknown config key {dotted!r}{hint}")
         if i < len(keys) - 1:
-            node = node[key]
-    node[keys[-1]] = _parse(text, node[keys[-1]])
+            if key not in node:
+                node[key] = ml_collections.ConfigDict()
+            node, reference = node[key], reference[key]
+    if isinstance(reference[keys[-1]], ml_collections.ConfigDict):
+        raise ValueError(f"config.{dotted} is a group of keys; set one of them, e.g. config.{dotted}.<key>")
+    node[keys[-1]] = parse_value(text, reference.get_type(keys[-1]), dotted)
 
 
-def _parse(text: str, current):
+def parse_value(text: str, expected: type, name: str):
+    """Command-line text → a value of `expected` (the default's type), or a one-line error naming the key."""
     import ast
 
-    if isinstance(current, bool):
+    def fail(what: str):
+        raise ValueError(f"config.{name}={text!r}: expected {what}")
+
+    if expected is bool:
         if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true/false, got {text!r}")
+            fail("true or false")
         return text.lower() in ("true", "1")
-    if isinstance(current, (int, float, tuple, list)) or current is None:
+    if expected is int:
+        try:
+            return int(text)
+        except ValueError:
+            fail("an integer")
+    if expected is float:
+        try:
+            return float(text)
+        except ValueError:
+            fail("a number")
+    if expected is tuple:
         try:
             value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
-            return type(current)(value)
-        return value
+        except (ValueError, SyntaxError):  # bare words: `ridge` or `ridge,knn`
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        return tuple(value) if isinstance(value, (tuple, list)) else (value,)
     return text
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Imports a config file and returns its get_config(); an import failure names the file and line."""
+    import importlib.util
+    import traceback
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path!r} not found")
+    spec = importlib.util.spec_from_file_location(f"fxjax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"config file {path!r} has no get_config()")
+        return module.get_config()
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any failure inside the user's file is bad input
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == file.absolute()]
+        line = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else (frames[-1].lineno if frames else None)
+        where = f"{path}, line {line}" if line else path
+        raise ValueError(f"config file {where}: {type(err).__name__}: {err}") from None
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -158,7 +217,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if not ok:
             raise ValueError(message)
 
-    frozen_stages(c.freeze, num_stages=None)
+    from fxjax.heads.freeze import frozen_patterns
+
+    frozen_patterns(str(c.freeze), None)
     check(c.mode in MODES, f"config.mode={c.mode!r}: use one of {', '.join(MODES)}")
     check(c.head.kind in ("linear", "mlp"), f"config.head.kind={c.head.kind!r}: use 'linear' or 'mlp'")
     check(c.optimizer.name in ("adamw", "sgd"), f"config.optimizer.name={c.optimizer.name!r}: use 'adamw' or 'sgd'")
@@ -198,20 +259,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
         c.mode != "cached" or (c.freeze == "all" and not c.data.augment),
         "config.mode='cached' needs config.freeze='all' and config.data.augment=False (features must not change)",
     )
-
-
-def frozen_stages(freeze, num_stages: int | None) -> int | None:
-    """config.freeze → how many leading backbone stages stay frozen ("all" → every stage, "none" → 0)."""
-    if freeze == "all":
-        return num_stages
-    if freeze == "none":
-        return 0
-    if isinstance(freeze, int) or (isinstance(freeze, str) and freeze.isdigit()):
-        k = int(freeze)
-        if k >= 0 and (num_stages is None or k <= num_stages):
-            return k
-    limit = f" (this backbone has {num_stages} stages)" if num_stages is not None else ""
-    raise ValueError(f"config.freeze={freeze!r}: use 'all', 'none' or a number of leading stages to freeze{limit}")
 
 
 def uses_cached_features(c: ml_collections.ConfigDict) -> bool:

@@ -15,25 +15,10 @@ needed; on a Cloud TPU pod add `--distributed` (`launch/tpu_pod.sh`); elsewhere 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
-from pathlib import Path
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM with a checkpoint saved; rerun to resume
-
-
-def load_config_file(path: str):
-    """Imports a config file and returns its get_config()."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"config file {path!r} not found")
-    spec = importlib.util.spec_from_file_location(f"fxjax_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise AttributeError(f"config file {path!r} has no get_config()")
-    return module.get_config()
 
 
 def parse_args(argv: list[str], *, workdir_required: bool = True):
@@ -58,25 +43,31 @@ def parse_args(argv: list[str], *, workdir_required: bool = True):
     return args, overrides
 
 
-def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+def start(args) -> bool:
+    """Joins a multi-process run if there is one, then sets up logging; → whether this is process 0."""
     import jax
 
     from fxjax.parallel import distributed
 
     # Before anything asks JAX for its devices; a plain single process skips it.
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, cluster=args.distributed)
-    primary = jax.process_index() == 0  # only process 0 logs and reports; every process trains
+    primary = jax.process_index() == 0  # only process 0 logs and reports; every process works
     logging.basicConfig(level=logging.INFO if primary else logging.WARNING, format="%(message)s")
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    return primary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    primary = start(args)
     from fxjax import config as config_lib
     from fxjax.heads.engine import NonFiniteLossError
     from fxjax.runs import experiment
     from fxjax.runs.rundir import WorkdirBusyError
 
     try:
-        config = load_config_file(args.config)
+        config = config_lib.load_config_file(args.config)
         for key, value in overrides:
             config_lib.override(config, key, value)
         summary = experiment.run(config, args.workdir)

@@ -11,7 +11,6 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -113,7 +112,3 @@ def load_state(
             + "\n  ".join(problems)
         )
     return nnx.merge(graphdef, nnx.from_flat_state(values))
-
-
-def count_params(module: nnx.Module) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))

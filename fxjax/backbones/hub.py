@@ -82,21 +82,26 @@ def load_backbone(
     dtype="float32",
     param_dtype="float32",
     weights_file: str | Path | None = None,
+    image_size: int | None = None,
 ) -> Backbone:
-    """Loads a backbone by built-in name (`efficientnet-lite0`, `pixels`), local Hugging Face folder or Hub
-    repo id (optionally at `revision`).
+    """Loads a backbone by built-in name (`efficientnet-lite0`, `pixels`), local checkpoint folder or file, or
+    Hub repo id (optionally at `revision`).
 
     `dtype` is the compute dtype, `param_dtype` the dtype parameters are kept in ("float32" or "bfloat16").
     `weights_file` gives a built-in its weights from that file instead of its package (exported classifiers).
+    `image_size` runs it at another input resolution than its checkpoint's (preprocessing follows).
     """
     dtype, param_dtype = jnp.dtype(dtype), jnp.dtype(param_dtype)
     if name in BUILTINS:
-        return BUILTINS[name](dtype, param_dtype, weights_file)
-    path, revision = resolve(name, revision)
-    layout = checkpoints.find_layout(path)
-    if layout is not None:
-        return layout.load(path, name=name, revision=revision, dtype=dtype, param_dtype=param_dtype)
-    return load_folder(path, name=name, revision=revision, dtype=dtype, param_dtype=param_dtype)
+        backbone = BUILTINS[name](dtype, param_dtype, weights_file)
+    else:
+        path, revision = resolve(name, revision)
+        layout = checkpoints.find_layout(path)
+        load = layout.load if layout is not None else load_folder
+        backbone = load(path, name=name, revision=revision, dtype=dtype, param_dtype=param_dtype)
+    if image_size is not None:
+        backbone.preprocess = backbone.preprocess.at_size(image_size)
+    return backbone
 
 
 def resolve(name: str, revision: str | None = None) -> tuple[Path, str | None]:

@@ -339,19 +339,14 @@ class VisionTransformer(nnx.Module):
         normed = self.norm(x)
         return {"last_hidden_state": normed, "normed": normed, "pooled": normed[:, 0]}
 
-    def __call__(self, x: jax.Array, *, frozen_stages: int = 0) -> dict:
-        """x: [n, h, w, 3] normalised. Activations leaving the first `frozen_stages` stages carry no
-        gradient."""
-
-        def boundary(y, index):
-            return jax.lax.stop_gradient(y) if index < frozen_stages else y
-
-        h = boundary(self.embeddings(x), 0)  # [n, tokens, d]
+    def __call__(self, x: jax.Array) -> dict:
+        """x: [n, h, w, 3] normalised → pooled, tokens and every block's output."""
+        h = self.embeddings(x)  # [n, tokens, d]
         hidden = [h]
-        for i, block in enumerate(self.blocks):
-            h = boundary(block(h), i + 1)
+        for block in self.blocks:
+            h = block(h)
             hidden.append(h)
-        out = {key: boundary(v, len(self.blocks) + 1) for key, v in self.finish(h).items()}
+        out = self.finish(h)
         k = self.spec.prefix_tokens
         cls = jnp.stack([y[:, 0] if k else jnp.mean(y, axis=1) for y in hidden[1:]], axis=1)  # [n, layers, d]
         out["patch_tokens"] = out.pop("normed")[:, k:]

@@ -6,7 +6,6 @@ global batch assembled from all hosts is `batch_size`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import grain
@@ -14,6 +13,7 @@ import numpy as np
 from absl import flags
 
 from fxjax.data.preprocess import PreprocessSpec, augment_image, preprocess_image
+from fxjax.data.shards import eval_batch_count, per_host_batch, shard_bounds
 from fxjax.data.sources import Source
 
 
@@ -24,7 +24,7 @@ class _Preprocess(grain.transforms.Map):
         self.spec = spec
 
     def map(self, element: dict) -> dict:
-        return {"image": preprocess_image(element["image"], self.spec), "label": np.int32(element["label"])}
+        return {"x": preprocess_image(element["image"], self.spec), "label": np.int32(element["label"])}
 
 
 class _Augment(grain.transforms.RandomMap):
@@ -34,7 +34,7 @@ class _Augment(grain.transforms.RandomMap):
         self.spec = spec
 
     def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        return {"image": augment_image(element["image"], self.spec, rng), "label": np.int32(element["label"])}
+        return {"x": augment_image(element["image"], self.spec, rng), "label": np.int32(element["label"])}
 
 
 def _use_default_absl_flags() -> None:
@@ -42,14 +42,6 @@ def _use_default_absl_flags() -> None:
     them and that read raises UnparsedFlagAccessError, so declare "no command-line flags" (defaults)."""
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-
-
-def _per_host_batch(batch_size: int, shard_index: int, shard_count: int) -> int:
-    if shard_count < 1 or not 0 <= shard_index < shard_count:
-        raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index} of {shard_count}")
-    if batch_size <= 0 or batch_size % shard_count:
-        raise ValueError(f"batch_size {batch_size} must be a positive multiple of shard_count {shard_count}")
-    return batch_size // shard_count
 
 
 def train_loader(
@@ -64,7 +56,7 @@ def train_loader(
     worker_count: int = 0,
     num_epochs: int | None = None,
 ) -> grain.DataLoader:
-    """Training stream of {"image": float32 [b, h, w, 3], "label": int32 [b]}, b = batch_size // shard_count.
+    """Training stream of {"x": float32 [b, h, w, 3], "label": int32 [b]}, b = batch_size // shard_count.
 
     Each host reads its own contiguous shard of `source` (equal sizes, remainder dropped so all hosts take
     the same number of steps), reshuffled every epoch from `seed`. Batches run across epoch boundaries; with
@@ -73,7 +65,7 @@ def train_loader(
     With worker processes each worker batches its own records, so the stream depends on `worker_count`;
     resume with the same value (grain checks it).
     """
-    per_host = _per_host_batch(batch_size, shard_index, shard_count)
+    per_host = per_host_batch(batch_size, shard_index, shard_count)
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be a 32-bit non-negative integer, got {seed}")
     shard_options = grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True)
@@ -111,17 +103,12 @@ class _PaddedShard:
         if index < self.stop - self.start:
             record = self.source[self.start + int(index)]
             image = preprocess_image(record["image"], self.spec)
-            return {"image": image, "label": np.int32(record["label"]), "mask": np.True_}
+            return {"x": image, "label": np.int32(record["label"]), "mask": np.True_}
         height, width = self.spec.size
-        return {"image": np.zeros((height, width, 3), np.float32), "label": np.int32(0), "mask": np.False_}
+        return {"x": np.zeros((height, width, 3), np.float32), "label": np.int32(0), "mask": np.False_}
 
     def __repr__(self) -> str:
         return f"_PaddedShard({self.source!r}, {self.start}:{self.stop}, length={self.length})"
-
-
-def shard_bounds(num_examples: int, shard_index: int, shard_count: int) -> tuple[int, int]:
-    """[start, stop) of a host's contiguous eval shard; sizes differ by at most one."""
-    return (num_examples * shard_index // shard_count, num_examples * (shard_index + 1) // shard_count)
 
 
 def eval_batches(
@@ -133,14 +120,13 @@ def eval_batches(
     shard_count: int = 1,
     worker_count: int = 0,
 ) -> Iterator[dict]:
-    """Each example exactly once across all hosts, in order, as {"image", "label", "mask": bool [b]} batches.
+    """Each example exactly once across all hosts, in order, as {"x", "label", "mask": bool [b]} batches.
 
     The last batch is padded (mask False). Every host yields the same number of batches, all-padding ones
     where it runs out first, because the jitted eval step is a collective that every host must enter.
     """
-    per_host = _per_host_batch(batch_size, shard_index, shard_count)
-    largest_shard = math.ceil(len(source) / shard_count)
-    num_batches = math.ceil(largest_shard / per_host)
+    per_host = per_host_batch(batch_size, shard_index, shard_count)
+    num_batches = eval_batch_count(len(source), per_host, shard_count)
     if num_batches == 0:
         return iter(())
     start, stop = shard_bounds(len(source), shard_index, shard_count)

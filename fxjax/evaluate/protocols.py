@@ -1,55 +1,25 @@
-"""Everything a run does with cached features besides training its head: the vmapped sweep of linear heads,
-the classic probes and the few-shot protocol. Each writes its table into the workdir (JSON + markdown)."""
+"""What a run computes on cached features besides its heads: the classic probes and the few-shot protocol, and the
+tables (JSON + markdown) of the probes, the few-shot protocol and a sweep of heads."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import jax
 import numpy as np
 
 from fxjax.evaluate import probes
-from fxjax.heads import sweep
-from fxjax.runs import rundir
 
 SPLITS = ("train", "val", "test")
 
 
-def on_features(config, variants: dict, labels: dict, num_classes: int, mesh, workdir: Path) -> dict:
-    """Runs what the config asks for on {split: {variant: features}}; returns summary entries (the sweep's
-    best row, probe and few-shot results). Probes and few-shot use the pooled features; the sweep every
-    variant, and its best row among pooled heads gives the run's head its learning rate and weight decay."""
-    out = {}
+def on_features(config, variants: dict, labels: dict, num_classes: int) -> tuple[dict, dict]:
+    """Runs the probes and the few-shot protocol the config asks for on the pooled features of
+    {split: {variant: features}}. → (summary entries, {file name: JSON object or markdown text}); the caller
+    (who owns the run directory) writes the files."""
+    out, files = {}, {}
     feats = {split: v["pooled"] for split, v in variants.items()}
-    if config.sweep.learning_rates or config.sweep.weight_decays or len(config.sweep.feature_variants) > 1:
-        names = ("pooled", *(v for v in config.sweep.feature_variants if v != "pooled"))
-        result = sweep.train_sweep(
-            {name: tuple(variants[s][name] for s in SPLITS) for name in names},
-            tuple(labels[s] for s in SPLITS),
-            num_classes=num_classes,
-            learning_rates=tuple(config.sweep.learning_rates) or (config.optimizer.learning_rate,),
-            weight_decays=tuple(config.sweep.weight_decays) or (config.optimizer.weight_decay,),
-            opt_config=config.optimizer,
-            batch_size=config.batch_size,
-            num_epochs=config.num_epochs,
-            seed=config.seed,
-            mesh=mesh,
-            eval_batch_size=config.eval_batch_size,
-        )
-        if jax.process_index() == 0:
-            sweep.write(result, workdir)
-        best_pooled = sweep.select([row for row in result.table if row["variant"] == "pooled"])
-        out["sweep"] = {
-            **best_pooled,
-            "best_overall": result.best,
-            "heads": len(result.table),
-            "seconds": result.train_seconds,
-        }
     if config.probes:
         results = [_probe(name, feats, labels, num_classes) for name in config.probes]
-        if jax.process_index() == 0:
-            rundir.write_json(workdir / "probes.json", {"probes": [r.to_dict() for r in results]})
-            rundir.write_text(workdir / "probes.md", _probes_markdown(results))
+        files["probes.json"] = {"probes": [r.to_dict() for r in results]}
+        files["probes.md"] = _probes_markdown(results)
         out["probes"] = {
             r.name: {"best": r.best, "val_accuracy": r.val_accuracy, "test_accuracy": r.test_accuracy} for r in results
         }
@@ -65,11 +35,10 @@ def on_features(config, variants: dict, labels: dict, num_classes: int, mesh, wo
             probe=config.fewshot.probe,
         )
         rows = [{**row, "probe": config.fewshot.probe, "seeds": list(config.fewshot.seeds)} for row in rows]
-        if jax.process_index() == 0:
-            rundir.write_json(workdir / "fewshot.json", {"rows": rows})
-            rundir.write_text(workdir / "fewshot.md", fewshot_markdown(rows))
+        files["fewshot.json"] = {"rows": rows}
+        files["fewshot.md"] = fewshot_markdown(rows)
         out["fewshot"] = {int(r["k"]): r["mean_accuracy"] for r in rows}
-    return out
+    return out, files
 
 
 def _probe(name: str, feats: dict, labels: dict, num_classes: int) -> probes.ProbeResult:
@@ -94,3 +63,32 @@ def fewshot_markdown(rows) -> str:
         for r in rows
     ]
     return "\n".join(lines) + "\n"
+
+
+def sweep_files(rows: list[dict], best: dict, total_steps: int, seconds: float) -> dict:
+    """sweep.json (every head, the best, timings) and sweep.md (the same table for people, best marked)."""
+    keys = ("variant", "learning_rate", "weight_decay", "val_accuracy", "val_loss", "test_accuracy")
+    table = [{k: r[k] for k in keys} | {"diverged": not np.isfinite(r["val_loss"])} for r in rows]
+    lines = [
+        "# Linear-head sweep",
+        "",
+        f"{len(rows)} heads, {total_steps} steps, {seconds:.2f} s of training. "
+        f"Best on validation: `{best['variant']}`, learning rate {best['learning_rate']:g}, weight decay "
+        f"{best['weight_decay']:g}: val accuracy {best['val_accuracy']:.4f}, test accuracy "
+        f"{best['test_accuracy']:.4f}.",
+        "",
+        "| | variant | learning rate | weight decay | val accuracy | val loss | test accuracy |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row, entry in zip(rows, table):
+        mark = "**best**" if row is best else "diverged" if entry["diverged"] else ""
+        lines.append(
+            f"| {mark} | {row['variant']} | {row['learning_rate']:g} | {row['weight_decay']:g} | "
+            f"{row['val_accuracy']:.4f} | {row['val_loss']:.4f} | {row['test_accuracy']:.4f} |"
+        )
+    best_entry = table[rows.index(best)]
+    summary = {
+        "table": table, "best": best_entry, "num_heads": len(rows), "total_steps": total_steps,
+        "train_seconds": seconds,
+    }  # fmt: skip
+    return {"sweep.json": summary, "sweep.md": "\n".join(lines) + "\n"}

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Iterable
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 import fxjax
 from fxjax import parallel
@@ -16,6 +13,7 @@ from fxjax.backbones.backbone import Backbone
 from fxjax.data import images as pipeline
 from fxjax.data.sources import split_labels
 from fxjax.features import store as cache
+from fxjax.progress import Progress
 
 
 def extract(
@@ -28,7 +26,7 @@ def extract(
     param_sharding: parallel.ShardingFn | None = None,
     variants: tuple[str, ...] = ("pooled",),
 ) -> dict[str, np.ndarray]:
-    """Feature variants {name: [total, d_name]} in source order from padded, masked batches ({"image", "mask"}).
+    """Feature variants {name: [total, d_name]} in source order from padded, masked batches ({"x", "mask"}).
 
     The backbone state is replicated unless `param_sharding` lays it out (e.g. `sharding.fsdp_shardings`).
     The step is the backbone's own jitted forward (`Backbone._variants`) on inputs already placed on their
@@ -38,17 +36,13 @@ def extract(
     layout = parallel.replicated(mesh) if param_sharding is None else param_sharding(backbone.state, mesh)
     state = jax.device_put(backbone.state, layout)
     parts, mask_parts = {name: [] for name in variants}, []
-    start = time.perf_counter()
-    with tqdm(
-        total=total, desc=desc, unit="img", file=sys.stderr, disable=jax.process_index() != 0, dynamic_ncols=True
-    ) as bar:
+    with Progress(total, desc=desc, unit="img") as bar:
         for batch in batches:
-            images = parallel.to_global({"image": batch["image"]}, sharding)["image"]
+            images = parallel.to_global({"x": batch["x"]}, sharding)["x"]
             for name, value in backbone._variants(state, images, tuple(variants)).items():
                 parts[name].append(parallel.gather(value))
             mask_parts.append(parallel.gather(batch["mask"]))
             bar.update(int(np.sum(batch["mask"])) * jax.process_count())
-            bar.set_postfix(img_s=f"{bar.n / (time.perf_counter() - start):.0f}")
     if not mask_parts:
         return {name: np.zeros((0, backbone.feature_dim), np.float32) for name in variants}
     return {name: parallel.host_major(p, mask_parts).astype(np.float32) for name, p in parts.items()}

@@ -1,15 +1,17 @@
-"""The training loop: jitted steps with explicit shardings, over trainable parameters only.
+"""The head engine: H heads trained at once, stacked on a leading axis, under `jax.jit` with explicit shardings.
 
-The model is split once into a trainable and a frozen state; the step differentiates the trainable state
-alone, so the optimizer holds state only for it and frozen weights can never move (no weight decay, no
-momentum). The loop is the same for heads on cached features and for an online backbone: only the batches and
-the model differ.
+A *group* is a set of heads with one model structure and one input: the heads on one cached feature variant, or
+the classifier with an online backbone. A group's trainable parameters are stacked [H, ...] (H >= 1) and every
+head has its own learning rate and weight decay, held as arrays [H], so a 64-head sweep and a single head are one
+program (DINOv2's linear evaluation: one pass over the batches feeds every head). The frozen part of a model is
+split off once (`freeze.split_trainable`), shared by the heads of its group, enters the step behind
+`stop_gradient` and holds no optimiser state; only the trainable part is differentiated.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,197 +23,244 @@ from flax import nnx
 
 from fxjax import parallel
 from fxjax.heads.freeze import split_trainable
-from fxjax.heads.optim import cross_entropy, make_optimizer, schedule
+from fxjax.heads.optim import cross_entropy, make_optimizer
+
+Hyper = Mapping[str, Sequence[float]]  # {"learning_rate": [H], "weight_decay": [H]}
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or Inf; nothing from that step is saved."""
-
-
-class Classifier(nnx.Module):
-    """Backbone → pooled features → head. `frozen_stages` puts stop_gradient on the frozen part's output."""
-
-    def __init__(self, backbone: nnx.Module, head: nnx.Module, frozen_stages: int):
-        self.backbone = backbone
-        self.head = head
-        self.frozen_stages = frozen_stages
-
-    def __call__(self, x, *, dropout_key=None):  # x: [n, h, w, 3] → logits [n, c]
-        pooled = self.backbone(x, frozen_stages=self.frozen_stages)["pooled"]
-        return self.head(pooled.astype(jnp.float32), dropout_key=dropout_key)
+    """The loss became NaN or Inf in every head; nothing from that step is saved."""
 
 
 @dataclass
 class TrainState:
     step: int
-    params: nnx.State  # trainable only
-    opt_state: optax.OptState
+    params: dict  # group → trainable state, every leaf stacked [H, ...]
+    opt_state: dict  # group → optimiser state, stacked [H, ...]
 
 
-class Trainer:
-    """Compiled train / eval steps for `model` (called as `model(x, dropout_key=...)`) on `mesh`."""
+class _Overrides:
+    """An optimizer config with some fields replaced by per-head tracers (a ConfigDict would refuse them)."""
+
+    def __init__(self, base, **values):
+        self._base, self._values = base, values
+
+    def __getattr__(self, name: str):
+        return self._values[name] if name in self._values else getattr(self._base, name)
+
+
+def _stack(tree, heads: int):
+    return jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (heads, *np.shape(a))), tree)
+
+
+class Engine:
+    """Compiled train / eval steps for `models` (group → module called as `model(x, dropout_key=...)`) on `mesh`.
+
+    `hyper` gives each group its heads' learning rates and weight decays (default: one head at the optimizer
+    config's values). `frozen_sharding` lays out the frozen state (e.g. `sharding.fsdp_shardings`); by default it
+    is replicated like the heads. `compiler_options` go to the steps' `jax.jit` (an online backbone's).
+    """
 
     def __init__(
         self,
-        model: nnx.Module,
-        frozen: tuple[str, ...],
+        models: Mapping[str, nnx.Module],
+        is_trainable: Callable[[str], bool],
         *,
         num_classes: int,
         opt_config,
         total_steps: int,
         mesh,
         seed: int,
+        hyper: Mapping[str, Hyper] | None = None,
         frozen_sharding: parallel.ShardingFn | None = None,
         compiler_options: dict[str, str] | None = None,
     ):
-        """`frozen_sharding` lays out the frozen state (e.g. `sharding.fsdp_shardings`, so that each device
-        holds a slice of a large backbone); by default it is replicated, like the trainable state.
-        `compiler_options` go to the steps' `jax.jit` (an online backbone's `Backbone.compiler_options`)."""
-        self.graphdef, params, frozen_state = split_trainable(model, frozen)
-        self.num_classes = num_classes
-        self.label_smoothing = opt_config.label_smoothing
-        self.tx = make_optimizer(opt_config, total_steps)
-        self.lr = schedule(opt_config, total_steps)
+        self.groups = tuple(models)
+        default = {"learning_rate": [opt_config.learning_rate], "weight_decay": [opt_config.weight_decay]}
+        hyper = {g: (hyper or {}).get(g, default) for g in self.groups}
+        self.heads = {g: len(hyper[g]["learning_rate"]) for g in self.groups}
+        self.num_classes, self.opt_config, self.total_steps = num_classes, opt_config, total_steps
         self.key = jax.random.key(seed)
-        self.repl, batch = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-        self.batch_sharding = batch
-        self.params_init = jax.device_put(params, self.repl)
-        frozen_layout = self.repl if frozen_sharding is None else frozen_sharding(frozen_state, mesh)
-        self.frozen = jax.device_put(frozen_state, frozen_layout)
-        self._init_opt = jax.jit(self.tx.init, out_shardings=self.repl)
+        self.repl, self.batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+        self.graphdefs, params, frozen, frozen_layout = {}, {}, {}, {}
+        for g, model in models.items():
+            self.graphdefs[g], trainable_state, frozen_state = split_trainable(model, is_trainable)
+            params[g] = _stack(trainable_state, self.heads[g])
+            frozen_layout[g] = self.repl if frozen_sharding is None else frozen_sharding(frozen_state, mesh)
+            frozen[g] = jax.device_put(frozen_state, frozen_layout[g])
+        self.frozen = frozen
+        self.hyper = jax.device_put(
+            {g: {k: np.asarray(v, np.float32) for k, v in h.items()} for g, h in hyper.items()}, self.repl
+        )
+        self.params_init = jax.device_get(params)  # on the host: each init_state places fresh (donatable) buffers
+        self._init_opt = jax.jit(self._init, out_shardings=self.repl)
         jit = partial(jax.jit, compiler_options=compiler_options)
+        repl, batch = self.repl, self.batch_sharding
         self._train = jit(
             self._train_step,
-            in_shardings=(self.repl, self.repl, frozen_layout, batch, self.repl),
-            out_shardings=(self.repl, self.repl, self.repl),
+            in_shardings=(repl, repl, frozen_layout, repl, batch, repl),
+            out_shardings=(repl, repl, repl),
             donate_argnums=(0, 1),
         )
-        self._eval = jit(
-            self._eval_step, in_shardings=(self.repl, frozen_layout, batch), out_shardings=(self.repl, batch)
-        )
+        self._eval = jit(self._eval_step, in_shardings=(repl, frozen_layout, batch), out_shardings=(repl, batch))
 
-    def init_state(self) -> TrainState:
-        return TrainState(0, self.params_init, self._init_opt(self.params_init))
+    # ---- per-head functions, mapped over the stacked heads of a group
 
-    def _forward(self, params, frozen, x, key):
-        return nnx.merge(self.graphdef, params, frozen)(x, dropout_key=key)
+    def _tx(self, learning_rate, weight_decay) -> optax.GradientTransformation:
+        config = _Overrides(self.opt_config, learning_rate=learning_rate, weight_decay=weight_decay)
+        return make_optimizer(config, self.total_steps)
 
-    def _train_step(self, params, opt_state, frozen, batch, key):
-        def loss_fn(p):
-            logits = self._forward(p, frozen, batch["x"], key)
-            return cross_entropy(logits, batch["label"], self.num_classes, self.label_smoothing).mean(), logits
+    def _per_head(self, group: str, fn, *stacked):
+        """fn over every head of `group`: vmapped, or called directly on the squeezed arrays when H = 1 (an online
+        backbone's convolutions batch poorly under vmap)."""
+        if self.heads[group] > 1:
+            return jax.vmap(fn)(*stacked)
+        return _stack(fn(*jax.tree.map(lambda a: a[0], stacked)), 1)
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {
-            "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-            "grad_norm": optax.global_norm(grads),
+    def _init(self, params, hyper):
+        return {
+            g: jax.vmap(lambda p, lr, wd: self._tx(lr, wd).init(p))(
+                params[g], hyper[g]["learning_rate"], hyper[g]["weight_decay"]
+            )
+            for g in self.groups
         }
-        return params, opt_state, metrics
+
+    def _logits(self, group, params, frozen, x, key):
+        # The boundary between frozen and trainable computation: nothing flows back into the frozen state.
+        return nnx.merge(self.graphdefs[group], params, jax.lax.stop_gradient(frozen))(x, dropout_key=key)
+
+    def _train_step(self, params, opt_state, frozen, hyper, batch, key):
+        new_params, new_state, metrics = {}, {}, {}
+        label_smoothing = self.opt_config.label_smoothing
+        for g in self.groups:
+            x = batch["x"][g] if isinstance(batch["x"], Mapping) else batch["x"]
+
+            def one_head(p, state, lr, wd, g=g, x=x):
+                def loss_fn(p):
+                    logits = self._logits(g, p, frozen[g], x, key)
+                    return cross_entropy(logits, batch["label"], self.num_classes, label_smoothing).mean(), logits
+
+                (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(p)
+                updates, state = self._tx(lr, wd).update(grads, state, p)
+                accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+                stats = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+                return optax.apply_updates(p, updates), state, stats
+
+            new_params[g], new_state[g], metrics[g] = self._per_head(
+                g, one_head, params[g], opt_state[g], hyper[g]["learning_rate"], hyper[g]["weight_decay"]
+            )
+        return new_params, new_state, metrics
 
     def _eval_step(self, params, frozen, batch):
-        logits = self._forward(params, frozen, batch["x"], None)
         mask = batch["mask"].astype(jnp.float32)
-        losses = cross_entropy(logits, batch["label"], self.num_classes)
-        predictions = jnp.argmax(logits, -1)
-        sums = {
-            "loss": jnp.sum(losses * mask),
-            "correct": jnp.sum((predictions == batch["label"]) * mask),
-            "count": jnp.sum(mask),
-        }
+        sums, predictions = {}, {}
+        for g in self.groups:
+            x = batch["x"][g] if isinstance(batch["x"], Mapping) else batch["x"]
+
+            def one_head(p, g=g, x=x):
+                logits = self._logits(g, p, frozen[g], x, None)
+                losses = cross_entropy(logits, batch["label"], self.num_classes)
+                preds = jnp.argmax(logits, -1)
+                return {"loss": losses @ mask, "correct": (preds == batch["label"]).astype(jnp.float32) @ mask}, preds
+
+            sums[g], preds = self._per_head(g, one_head, params[g])
+            predictions[g] = preds.T  # [b, H]: the batch axis first, sharded like the batch
         return sums, predictions
 
+    # ---- host side
+
+    def init_state(self) -> TrainState:
+        params = jax.device_put(self.params_init, self.repl)
+        return TrainState(0, params, self._init_opt(params, self.hyper))
+
     def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One step of every head. The metrics are the mean over heads whose loss is finite; an error only when no
+        head's is (a single head: its loss)."""
         key = jax.random.fold_in(self.key, state.step)  # dropout noise depends on the step alone: resumable
-        params, opt_state, metrics = self._train(
-            state.params, state.opt_state, self.frozen, parallel.to_global(batch, self.batch_sharding), key
+        global_batch = {
+            "x": parallel.to_global(batch["x"], self.batch_sharding)
+            if isinstance(batch["x"], Mapping)
+            else parallel.to_global({"x": batch["x"]}, self.batch_sharding)["x"],
+            "label": parallel.to_global({"label": batch["label"]}, self.batch_sharding)["label"],
+        }
+        params, opt_state, stats = self._train(
+            state.params, state.opt_state, self.frozen, self.hyper, global_batch, key
         )
-        metrics = {k: float(v) for k, v in metrics.items()}
-        if not math.isfinite(metrics["loss"]):
-            raise NonFiniteLossError(f"loss is {metrics['loss']} at step {state.step + 1}")
-        metrics["learning_rate"] = float(self.lr(state.step))
+        stats = {k: np.concatenate([np.asarray(stats[g][k]) for g in self.groups]) for k in stats[self.groups[0]]}
+        finite = np.isfinite(stats["loss"])
+        if not finite.any():
+            raise NonFiniteLossError(f"loss is {stats['loss'][0]} at step {state.step + 1}")
+        metrics = {k: float(np.mean(v[finite])) for k, v in stats.items()}
+        if sum(self.heads.values()) == 1:
+            metrics["learning_rate"] = float(self.schedule(state.step))
         return TrainState(state.step + 1, params, opt_state), metrics
 
+    @property
+    def schedule(self) -> optax.Schedule:
+        from fxjax.heads.optim import schedule
+
+        return schedule(self.opt_config, self.total_steps)
+
     def evaluate(self, params, batches: Iterator[dict]) -> dict:
-        """Accuracy and loss over every real (mask True) example; also the predictions, in order."""
-        totals, predictions, masks = {"loss": 0.0, "correct": 0.0, "count": 0.0}, [], []
+        """group → {"accuracy": [H], "loss": [H], "predictions": [n, H]} over every real (mask True) example, and
+        "count". An empty split gives NaN accuracies (nothing was measured)."""
+        totals = {g: {"loss": 0.0, "correct": 0.0} for g in self.groups}
+        predictions, masks, count = {g: [] for g in self.groups}, [], 0
         for batch in batches:
-            sums, preds = self._eval(params, self.frozen, parallel.to_global(batch, self.batch_sharding))
-            totals = {k: totals[k] + float(v) for k, v in sums.items()}
-            predictions.append(parallel.gather(preds))
+            placed = {
+                "x": parallel.to_global(batch["x"], self.batch_sharding)
+                if isinstance(batch["x"], Mapping)
+                else parallel.to_global({"x": batch["x"]}, self.batch_sharding)["x"],
+                **parallel.to_global({"label": batch["label"], "mask": batch["mask"]}, self.batch_sharding),
+            }
+            sums, preds = self._eval(params, self.frozen, placed)
+            totals = jax.tree.map(lambda a, b: a + np.asarray(b, np.float64), totals, sums)
+            for g in self.groups:
+                predictions[g].append(parallel.gather(preds[g]))
             masks.append(parallel.gather(batch["mask"]))
-        count = max(totals["count"], 1.0)
-        return {
-            "accuracy": totals["correct"] / count,
-            "loss": totals["loss"] / count,
-            "count": int(totals["count"]),
-            "predictions": parallel.host_major(predictions, masks) if predictions else np.zeros(0, np.int64),
+            count += int(np.sum(masks[-1]))
+        out = {"count": count}
+        for g in self.groups:
+            heads = self.heads[g]
+            rows = parallel.host_major(predictions[g], masks) if masks else np.zeros((0, heads), np.int64)
+            if count:
+                accuracy, loss = (np.asarray(totals[g][k], np.float64) / count for k in ("correct", "loss"))
+            else:
+                accuracy = loss = np.full(heads, np.nan)
+            out[g] = {"accuracy": accuracy, "loss": loss, "predictions": rows}
+        return out
+
+
+def head_rows(engine: Engine, hyper: Mapping[str, Hyper]) -> list[dict]:
+    """One row per head, in engine order: {"variant", "index", "learning_rate", "weight_decay"}."""
+    return [
+        {"variant": g, "index": i, "learning_rate": float(lr), "weight_decay": float(wd)}
+        for g in engine.groups
+        for i, (lr, wd) in enumerate(zip(hyper[g]["learning_rate"], hyper[g]["weight_decay"]))
+    ]
+
+
+def score(rows: list[dict], split: str, result: dict) -> list[dict]:
+    """Rows with `<split>_accuracy` / `<split>_loss` from `Engine.evaluate`'s result."""
+    return [
+        {
+            **r,
+            f"{split}_accuracy": float(result[r["variant"]]["accuracy"][r["index"]]),
+            f"{split}_loss": float(result[r["variant"]]["loss"][r["index"]]),
         }
+        for r in rows
+    ]
 
 
-class FeatureBatches:
-    """Training batches from feature arrays: a seeded permutation per epoch, this host's shard of each global
-    batch. The state is the step count alone, since the order is a pure function of (seed, step)."""
-
-    def __init__(
-        self,
-        features: np.ndarray,
-        labels: np.ndarray,
-        *,
-        batch_size: int,
-        seed: int,
-        shard_index: int = 0,
-        shard_count: int = 1,
-    ):
-        self.features, self.labels = features, labels
-        self.batch_size, self.seed = batch_size, seed
-        self.per_host = batch_size // shard_count
-        self.offset = shard_index * self.per_host
-        self.steps_per_epoch = len(labels) // batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(labels)} training examples cannot fill one batch of {batch_size}")
-        self.step = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        epoch, within = divmod(self.step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.labels))
-        start = within * self.batch_size + self.offset
-        index = np.sort(order[start : start + self.per_host])
-        self.step += 1
-        return {"x": self.features[index], "label": self.labels[index]}
-
-    def get_state(self) -> dict:
-        return {"step": self.step}
-
-    def set_state(self, state: dict) -> None:
-        self.step = int(state["step"])
-
-
-def feature_eval_batches(
-    features: np.ndarray, labels: np.ndarray, batch_size: int, shard_index: int = 0, shard_count: int = 1
-) -> Iterator[dict]:
-    """Padded, masked eval batches over feature arrays; every host yields the same number of batches."""
-    per_host = batch_size // shard_count
-    bounds = np.linspace(0, len(labels), shard_count + 1).astype(int)
-    start, stop = bounds[shard_index], bounds[shard_index + 1]
-    largest = int(np.max(np.diff(bounds)))
-    for offset in range(0, max(largest, 1) if largest else 0, per_host):
-        index = np.arange(start + offset, start + offset + per_host)
-        mask = index < stop
-        index = np.where(mask, index, start)
-        yield {"x": features[index], "label": np.where(mask, labels[index], 0).astype(np.int32), "mask": mask}
-
-
-def loader_state(iterator) -> dict:
-    """A data iterator's position as JSON (grain gives bytes)."""
-    state = iterator.get_state()
-    return {"grain": state.decode()} if isinstance(state, bytes) else state
-
-
-def restore_loader_state(iterator, state: dict) -> None:
-    iterator.set_state(state["grain"].encode() if "grain" in state else state)
+def select(rows: Sequence[dict]) -> dict:
+    """The best validation accuracy among heads whose validation loss is finite; ties → smaller learning rate,
+    then smaller weight decay, then the first variant given (deterministic, and the more conservative head)."""
+    order = {v: i for i, v in enumerate(dict.fromkeys(r["variant"] for r in rows))}
+    candidates = [r for r in rows if math.isfinite(r["val_loss"]) and math.isfinite(r["val_accuracy"])]
+    if not candidates:
+        raise NonFiniteLossError(
+            "every head diverged (non-finite validation loss): lower the learning rates, or check the data"
+        )
+    return min(
+        candidates, key=lambda r: (-r["val_accuracy"], r["learning_rate"], r["weight_decay"], order[r["variant"]])
+    )

@@ -1,41 +1,60 @@
-"""Which parameters train: the head always; backbone stages after the first `frozen_stages` ones.
+"""Which parameters train, decided once from the config as a set of parameter paths.
 
-Freezing is data (a stage count turned into module-path prefixes), not code in the models: the split gives
-the training step a trainable state to differentiate and a frozen state it never touches. BatchNorm running
-statistics are never trainable (backbones run BatchNorm in inference mode).
+As big_vision's `config.schedule = [("img/.*", None), ...]`: freezing is data, a list of regular expressions over
+the model's dotted parameter paths (`backbone.blocks.3.attn.query.kernel`, `head.out.kernel`); a parameter whose
+path matches any of them is frozen. `"all"` (the whole backbone), `"none"` and `"K"` (the first K backbone stages)
+are shorthands that expand to such patterns. The training step differentiates only the trainable split, so the
+frozen part gets no gradient and no optimiser state; BatchNorm statistics are never parameters.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Callable
 
 from flax import nnx
 
 from fxjax.backbones.convert import path_str
 
-
-def frozen_prefixes(backbone: nnx.Module, frozen_stages: int) -> tuple[str, ...]:
-    """Module-path prefixes (relative to the backbone) of the first `frozen_stages` stages; "" (everything)
-    when all stages are frozen, so that no parameter outside the listed stages can slip through."""
-    stages = backbone.stage_paths()
-    if frozen_stages >= len(stages):
-        return ("",)
-    return tuple(p for stage in backbone.stage_paths()[:frozen_stages] for p in stage)
+SHORTHANDS = "'all', 'none', a number K of leading backbone stages, or 're:<pattern>' over parameter paths"
 
 
-def trainable_filter(frozen: tuple[str, ...], backbone_key: str = "backbone"):
-    """An NNX filter: Params outside the frozen prefixes (paths under `backbone_key` are the backbone's)."""
+def frozen_patterns(freeze: str, stage_paths: list[tuple[str, ...]] | None) -> tuple[str, ...]:
+    """config.freeze → regular expressions (over paths like `backbone.blocks.0.attn.query.kernel`) of what is
+    frozen. `stage_paths` is the backbone's (`module.stage_paths()`); None only checks the syntax."""
+    if freeze == "all":
+        return (r"backbone\..*",)
+    if freeze == "none":
+        return ()
+    if freeze.startswith("re:"):
+        try:
+            re.compile(freeze[3:])
+        except re.error as err:
+            raise ValueError(f"config.freeze={freeze!r}: not a regular expression ({err})") from None
+        return (freeze[3:],)
+    if freeze.isdigit():
+        k = int(freeze)
+        if stage_paths is None:
+            return ()
+        if k > len(stage_paths):
+            raise ValueError(f"config.freeze={freeze!r}: this backbone has {len(stage_paths)} stages")
+        if k == len(stage_paths):
+            return (r"backbone\..*",)
+        return tuple(rf"backbone\.{re.escape(p)}\..*" for stage in stage_paths[:k] for p in stage)
+    raise ValueError(f"config.freeze={freeze!r}: use {SHORTHANDS}")
 
-    def is_trainable(path, value) -> bool:
-        if not isinstance(value, nnx.Param):
-            return False
-        name = path_str(path)
-        if not name.startswith(backbone_key + "."):
-            return True
-        name = name[len(backbone_key) + 1 :]
-        return not any(p == "" or name == p or name.startswith(p + ".") for p in frozen)
 
-    return is_trainable
+def trainable(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    """A parameter path → whether it trains (matches none of the frozen patterns)."""
+    compiled = [re.compile(p) for p in patterns]
+    return lambda name: not any(c.fullmatch(name) for c in compiled)
 
 
-def split_trainable(model: nnx.Module, frozen: tuple[str, ...]):
-    """model → (graphdef, trainable state, frozen state). Everything not trainable lands in the frozen state."""
-    return nnx.split(model, trainable_filter(frozen), ...)
+def split_trainable(model: nnx.Module, is_trainable: Callable[[str], bool]):
+    """model → (graphdef, trainable state, frozen state). Everything that is not a trainable Param (frozen
+    parameters, BatchNorm statistics, buffers) lands in the frozen state."""
+
+    def keep(path, value) -> bool:
+        return isinstance(value, nnx.Param) and is_trainable(path_str(path))
+
+    return nnx.split(model, keep, ...)

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
@@ -21,10 +22,12 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             best_fn=lambda metrics: metrics[METRIC],
             best_mode="max",
-            preservation_policy=policies.AnyPreservationPolicy([
-                policies.LatestN(n=keep),
-                policies.BestN(get_metric_fn=lambda metrics: metrics[METRIC], n=1),
-            ]),
+            preservation_policy=policies.AnyPreservationPolicy(
+                [
+                    policies.LatestN(n=keep),
+                    policies.BestN(get_metric_fn=lambda metrics: metrics[METRIC], n=1),
+                ]
+            ),
             enable_async_checkpointing=True,
         )
         self.directory = Path(directory).absolute()
@@ -70,8 +73,13 @@ class Checkpoints:
     def quarantine(self, step: int, err: Exception) -> None:
         source = self.directory / str(step)
         target = self.directory / f"damaged-{step}"
-        log.warning("checkpoint at step %d is damaged (%s: %s); moved to %s, trying an older one",
-                    step, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "", target)
+        log.warning(
+            "checkpoint at step %d is damaged (%s: %s); moved to %s, trying an older one",
+            step,
+            type(err).__name__,
+            str(err).splitlines()[0][:200] if str(err) else "",
+            target,
+        )
         if jax.process_index() == 0 and source.exists():
             shutil.rmtree(target, ignore_errors=True)
             source.rename(target)
@@ -93,3 +101,20 @@ class Checkpoints:
 def abstract(tree, shardings):
     """Shape/dtype/sharding stand-ins for a restore target."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def read_params(directory: str | Path, step: int) -> dict[str, np.ndarray]:
+    """The params item saved at `step` → {dotted path: array}, onto this process's first device whatever mesh
+    saved it (a run trained on 8 devices exports on a laptop). A missing checkpoint is a FileNotFoundError."""
+    item = Path(directory).absolute() / str(step) / "params"
+    if not item.is_dir():
+        raise FileNotFoundError(f"{item} is missing: the checkpoint of step {step} is gone")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    tree = ocp.StandardCheckpointHandler().metadata(item).tree  # the item's own metadata, no step
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    restored = ocp.StandardCheckpointer().restore(item, target)
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
+        name = jax.tree_util.keystr(path, simple=True, separator=".")
+        flat[name.removesuffix(".value")] = np.asarray(leaf)  # NNX Variables store their array under "value"
+    return flat

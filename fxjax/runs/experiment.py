@@ -1,7 +1,8 @@
 """One experiment, end to end: the only module that knows every stage.
 
-config → backbone + data → (features once, or the backbone online) → head training with Orbax checkpoints
-→ the best checkpoint evaluated on test → summary.json. A rerun on the same workdir resumes.
+config → setup (mesh, backbone, data, provenance) → the input (cached features, or images through the backbone)
+→ the head engine (H heads, Orbax checkpoints) → the best checkpoint's best head evaluated on test → summary.json.
+A rerun on the same workdir resumes.
 """
 
 from __future__ import annotations
@@ -10,39 +11,29 @@ import errno
 import json
 import logging
 import signal
-import sys
 import threading
 import time
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import jax
 import ml_collections
 import numpy as np
-import optax
-from tqdm import tqdm
 
 from fxjax import config as config_lib, parallel
-from fxjax.evaluate import protocols as evaluation
-from fxjax.features import extract as features
-from fxjax.runs import rundir
+from fxjax.data import images
+from fxjax.data.features import FeatureBatches, feature_eval_batches
+from fxjax.data.sources import split_labels
+from fxjax.evaluate import protocols
+from fxjax.features import extract
+from fxjax.heads import freeze
+from fxjax.heads.engine import Engine, NonFiniteLossError, TrainState, head_rows, score, select
+from fxjax.heads.heads import Classifier, make_head
+from fxjax.progress import Progress
 from fxjax.runs.checkpoint import Checkpoints, abstract
-from fxjax.data import images as pipeline
-from fxjax.data.sources import load_dataset, split_labels
-from fxjax.heads.freeze import frozen_prefixes
-from fxjax.heads.heads import make_head
-from fxjax.backbones.hub import load_backbone
 from fxjax.runs.metrics import MetricsWriter
-from fxjax.parallel.sharding import fsdp_shardings
-from fxjax.heads.engine import (
-    Classifier,
-    FeatureBatches,
-    NonFiniteLossError,
-    Trainer,
-    TrainState,
-    feature_eval_batches,
-    loader_state,
-    restore_loader_state,
-)
+from fxjax.runs.rundir import RunDir
+from fxjax.runs.setup import Setup
 
 log = logging.getLogger("fxjax")
 
@@ -50,175 +41,241 @@ log = logging.getLogger("fxjax")
 class Preempted(Exception):
     """SIGTERM arrived; a checkpoint at the current step was saved. Rerunning the command resumes."""
 
-    def __init__(self, step: int, workdir: Path):
-        super().__init__(f"preempted at step {step}: checkpoint saved in {workdir / 'checkpoints'}; "
-                         "rerun the same command to resume")
+    def __init__(self, step: int, run: RunDir):
+        super().__init__(
+            f"preempted at step {step}: checkpoint saved in {run.checkpoints}; rerun the same command to resume"
+        )
         self.step = step
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+@dataclass
+class Inputs:
+    """What the engine trains on: models per group (feature variant), their heads' hyperparameters, batches."""
+
+    models: dict
+    hyper: dict
+    train: Iterator[dict]
+    eval: Callable[[str], Iterator[dict]]
+    trainable: Callable[[str], bool]
+    options: dict = field(default_factory=dict)  # XLA options (an online backbone's)
+    frozen_sharding: parallel.ShardingFn | None = None
+    extras: dict = field(default_factory=dict)  # summary entries: cache hits, probes, few-shot
+
+
+def run(config: ml_collections.ConfigDict, workdir) -> dict:
     """Runs (or resumes) the experiment in `workdir` and returns its summary."""
-    config = config_lib.resolve(config)
-    workdir = rundir.prepare(workdir)
-    lock = rundir.acquire_lock(workdir) if jax.process_index() == 0 else None
+    setup = Setup.from_config(config)
+    run_dir = RunDir(workdir).prepare()
+    lock = run_dir.lock() if jax.process_index() == 0 else None
     try:
-        return _run(config, workdir)
+        return _run(setup, run_dir)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _run(config, workdir: Path) -> dict:
-    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
-    param_sharding = fsdp_shardings if config.mesh.fsdp > 1 else None  # frozen backbone: 1/fsdp per device
-    parallel.check_batch_size(config.batch_size, mesh)
-    parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
-    shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
-
-    backbone = load_backbone(config.backbone, revision=config.revision, dtype=config.dtype,
-                             param_dtype=config.param_dtype)
-    if config.image_size is not None:
-        backbone.preprocess = backbone.preprocess.at_size(config.image_size)
-    data = load_dataset(config.data.source, data_dir=config.data.data_dir, val_fraction=config.data.val_fraction,
-                        test_fraction=config.data.test_fraction, seed=config.data.split_seed,
-                        few_shot_k=config.data.few_shot_k)
-    _check_resumable(workdir, backbone, data)
-    if jax.process_index() == 0:
-        rundir.write_json(workdir / "config.json", config.to_dict())
-        rundir.write_json(workdir / "environment.json", rundir.environment(
-            backbone=backbone.info, preprocess=backbone.preprocess.to_dict(), dataset=data.name,
-            class_names=data.class_names, dataset_fingerprint=data.fingerprint))
-
-    frozen_stages = config_lib.frozen_stages(config.freeze, backbone.num_stages)
-    head = make_head(config.head, backbone.feature_dim, data.num_classes, config.seed)
-    train_size = len(data.splits["train"])
-    steps_per_epoch = train_size // config.batch_size
+def _run(setup: Setup, run: RunDir) -> dict:
+    config, data = setup.config, setup.data
+    setup.record(run)
+    steps_per_epoch = len(data.splits["train"]) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"config.batch_size={config.batch_size} is larger than the training split ({train_size})")
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is larger than the training split ({len(data.splits['train'])})"
+        )
     total_steps = steps_per_epoch * config.num_epochs
-
-    extract_seconds, extras = 0.0, {}
-    if config_lib.uses_cached_features(config):
-        start = time.perf_counter()
-        feats, labels, hits = features.cached_features(
-            backbone, data, mesh=mesh, batch_size=config.eval_batch_size, cache_dir=config.cache_dir,
-            dtype=config.dtype, param_dtype=config.param_dtype, worker_count=config.data.worker_count,
-            param_sharding=param_sharding, variants=tuple(config.sweep.feature_variants))
-        extract_seconds = time.perf_counter() - start
-        extras = {"feature_cache_hits": hits,
-                  **evaluation.on_features(config, feats, labels, data.num_classes, mesh, workdir)}
-        feats = {split: variants["pooled"] for split, variants in feats.items()}  # the run's head: pooled
-        if "sweep" in extras:  # the grid's best (lr, wd) becomes the run's head
-            config = _with_optimizer(config, extras["sweep"]["learning_rate"], extras["sweep"]["weight_decay"])
-        model, frozen, options = head, (), {}  # a head alone: XLA's defaults
-        train_iter = FeatureBatches(feats["train"], labels["train"], batch_size=config.batch_size,
-                                    seed=config.seed, **shard)
-
-        def eval_iter(split):
-            return feature_eval_batches(feats[split], labels[split], config.eval_batch_size, **shard)
-    else:
-        model = Classifier(backbone.module, head, frozen_stages)
-        frozen, options = frozen_prefixes(backbone.module, frozen_stages), backbone.compiler_options
-        loader = pipeline.train_loader(data.splits["train"], backbone.preprocess, batch_size=config.batch_size,
-                                       seed=config.seed, augment=config.data.augment,
-                                       worker_count=config.data.worker_count, **shard)
-        train_iter = _Renamed(iter(loader))
-
-        def eval_iter(split):
-            batches = pipeline.eval_batches(data.splits[split], backbone.preprocess,
-                                            batch_size=config.eval_batch_size,
-                                            worker_count=config.data.worker_count, **shard)
-            return ({"x": b["image"], "label": b["label"], "mask": b["mask"]} for b in batches)
-
-    trainer = Trainer(model, frozen, num_classes=data.num_classes, opt_config=config.optimizer,
-                      total_steps=total_steps, mesh=mesh, seed=config.seed, frozen_sharding=param_sharding,
-                      compiler_options=options)
-    checkpoints = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep)
-    state = trainer.init_state()
-    targets = _abstract_targets(state, trainer)
-    resumed, restored = checkpoints.restore_newest_good(*targets)
-    if restored is not None:
-        params, opt_state, position = restored
-        restore_loader_state(train_iter, position["loaders"][jax.process_index()])
-        state = TrainState(resumed, params, opt_state)
-        log.info("resumed from step %d", resumed)
-    writer = MetricsWriter(workdir, resume_step=state.step)
+    inputs = _cached_inputs(setup, run) if config_lib.uses_cached_features(config) else _online_inputs(setup)
+    engine = Engine(
+        inputs.models,
+        inputs.trainable,
+        num_classes=data.num_classes,
+        opt_config=config.optimizer,
+        total_steps=total_steps,
+        mesh=setup.mesh,
+        seed=config.seed,
+        hyper=inputs.hyper,
+        frozen_sharding=inputs.frozen_sharding,
+        compiler_options=inputs.options,
+    )
+    checkpoints = Checkpoints(run.checkpoints, keep=config.checkpoint.keep)
+    writer = None
     try:
-        train_seconds, examples = _loop(config, trainer, state, train_iter, eval_iter, checkpoints, writer,
-                                        steps_per_epoch, total_steps, workdir)
+        state, targets = _restore(engine, checkpoints, inputs.train)
+        writer = MetricsWriter(run, resume_step=state.step)
+        seconds, examples = _fit(config, engine, state, inputs, checkpoints, writer, steps_per_epoch, total_steps, run)
         checkpoints.wait()
-        best, restored = checkpoints.restore_newest_good(*targets, steps=_best_first(checkpoints))
-        params = restored[0]
-        val = trainer.evaluate(params, eval_iter("val"))
-        test = trainer.evaluate(params, eval_iter("test"))
-        writer.write(best, "test", {k: test[k] for k in ("accuracy", "loss")})
+        best_step, (params, _, _) = checkpoints.restore_newest_good(*targets, steps=_best_first(checkpoints))
+        rows = head_rows(engine, inputs.hyper)
+        val, test = engine.evaluate(params, inputs.eval("val")), engine.evaluate(params, inputs.eval("test"))
+        rows = score(score(rows, "val", val), "test", test)
+        winner = select(rows)
+        writer.write(best_step, "test", {"accuracy": winner["test_accuracy"], "loss": winner["test_loss"]})
     except NonFiniteLossError as err:
         checkpoints.wait()
         good = checkpoints.latest_step()
         where = f"step {good} in {checkpoints.directory}" if good is not None else "none yet"
-        raise NonFiniteLossError(f"{err}; nothing from it was saved; last good checkpoint: {where}. Lower the "
-                                 "learning rate or check the data, then rerun the same command to resume") from None
+        raise NonFiniteLossError(
+            f"{err}; nothing from it was saved; last good checkpoint: {where}. Lower the "
+            "learning rate or check the data, then rerun the same command to resume"
+        ) from None
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"disk full while writing in {workdir} ({err}); free space, then rerun the "
-                                        f"same command to resume from step {checkpoints.latest_step()}") from None
+            raise OSError(
+                errno.ENOSPC,
+                f"disk full while writing in {run.path} ({err}); free space, then rerun the "
+                f"same command to resume from step {checkpoints.latest_step()}",
+            ) from None
         raise
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         checkpoints.close()
-
-    summary = {
-        "test_accuracy": test["accuracy"], "val_accuracy": val["accuracy"], "test_loss": test["loss"],
-        "best_step": best, "total_steps": total_steps, "train_seconds": train_seconds,
-        "images_per_second": examples / train_seconds if train_seconds > 0 else None,
-        "extract_seconds": extract_seconds, "num_classes": data.num_classes, "test_examples": test["count"],
-        "mode": "cached" if config_lib.uses_cached_features(config) else "online",
-        "backbone": backbone.info["name"], "dataset": data.name, **extras,
-    }
+    summary = _summary(setup, rows, winner, best_step, total_steps, seconds, examples, test["count"], inputs.extras)
     if jax.process_index() == 0:
-        rundir.write_npy(workdir / "test_predictions.npy", test["predictions"])
-        rundir.write_npy(workdir / "test_labels.npy", split_labels(data.splits["test"]))
-        rundir.write_json(workdir / "summary.json", summary)
-        _write_report(workdir, data)
+        _finish(setup, run, rows, winner, summary, test[winner["variant"]]["predictions"][:, winner["index"]])
     return summary
 
 
-def _write_report(workdir: Path, data) -> None:
+def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
+    """Heads on features extracted once (or read from the cache): one group per feature variant, each with the
+    sweep's grid of (learning rate, weight decay) heads, or the optimizer's one head."""
+    config, data, backbone = setup.config, setup.data, setup.backbone
+    variants = ("pooled", *(v for v in config.sweep.feature_variants if v != "pooled"))
+    start = time.perf_counter()
+    feats, labels, hits = extract.cached_features(
+        backbone,
+        data,
+        mesh=setup.mesh,
+        batch_size=config.eval_batch_size,
+        cache_dir=config.cache_dir,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        worker_count=config.data.worker_count,
+        param_sharding=setup.param_sharding,
+        variants=variants,
+    )
+    extras = {"feature_cache_hits": hits, "extract_seconds": time.perf_counter() - start}
+    entries, files = protocols.on_features(config, feats, labels, data.num_classes)
+    if jax.process_index() == 0:
+        for name, content in files.items():
+            run.write(name, content)
+    extras |= entries
+    grid = [
+        (lr, wd)
+        for lr in (config.sweep.learning_rates or (config.optimizer.learning_rate,))
+        for wd in (config.sweep.weight_decays or (config.optimizer.weight_decay,))
+    ]
+    hyper = {"learning_rate": [lr for lr, _ in grid], "weight_decay": [wd for _, wd in grid]}
+    models = {
+        v: Classifier(None, make_head(config.head, feats["train"][v].shape[1], data.num_classes, config.seed), v)
+        for v in variants
+    }
+    shard, eval_batch = setup.shard, config.eval_batch_size
+    train = FeatureBatches(
+        {v: feats["train"][v] for v in variants}, labels["train"], batch_size=config.batch_size, seed=config.seed,
+        **shard,
+    )  # fmt: skip
+    return Inputs(
+        models,
+        {v: hyper for v in variants},
+        train,
+        lambda split: feature_eval_batches(feats[split], labels[split], eval_batch, **shard),
+        freeze.trainable(()),  # a head alone: all of it trains; XLA's default options suit its skinny matmuls
+        extras=extras,
+    )
+
+
+def _online_inputs(setup: Setup) -> Inputs:
+    """One classifier with the backbone in the step (augmentation, partial unfreezing); what trains is decided
+    by config.freeze as parameter-path patterns."""
+    config, data, backbone = setup.config, setup.data, setup.backbone
+    head = make_head(config.head, backbone.feature_dim, data.num_classes, config.seed)
+    patterns = freeze.frozen_patterns(config.freeze, backbone.module.stage_paths())
+    d, shard, opt = config.data, setup.shard, config.optimizer
+    loader = images.train_loader(
+        data.splits["train"], backbone.preprocess, batch_size=config.batch_size, seed=config.seed,
+        augment=d.augment, worker_count=d.worker_count, **shard,
+    )  # fmt: skip
+    return Inputs(
+        {"pooled": Classifier(backbone.module, head)},
+        {"pooled": {"learning_rate": [opt.learning_rate], "weight_decay": [opt.weight_decay]}},
+        iter(loader),
+        lambda split: images.eval_batches(
+            data.splits[split],
+            backbone.preprocess,
+            batch_size=config.eval_batch_size,
+            worker_count=d.worker_count,
+            **shard,
+        ),  # fmt: skip
+        freeze.trainable(patterns),
+        options=backbone.compiler_options,
+        frozen_sharding=setup.param_sharding,
+    )
+
+
+def _restore(engine: Engine, checkpoints: Checkpoints, train_iter):
+    """The newest good checkpoint (params, optimizer state, loader positions), or a fresh state."""
+    state = engine.init_state()
+    shardings = lambda tree: jax.tree.map(lambda _: engine.repl, tree)
+    targets = abstract(state.params, shardings(state.params)), abstract(state.opt_state, shardings(state.opt_state))
+    step, restored = checkpoints.restore_newest_good(*targets)
+    if restored is not None:
+        params, opt_state, position = restored
+        _restore_loader(train_iter, position["loaders"][jax.process_index()])
+        state = TrainState(step, params, opt_state)
+        log.info("resumed from step %d", step)
+    return state, targets
+
+
+def _summary(setup, rows, winner, best_step, total_steps, seconds, examples, test_count, extras) -> dict:
+    config, data = setup.config, setup.data
+    summary = {
+        "test_accuracy": winner["test_accuracy"],
+        "val_accuracy": winner["val_accuracy"],
+        "test_loss": winner["test_loss"],
+        "best_step": best_step,
+        "total_steps": total_steps,
+        "train_seconds": seconds,
+        "images_per_second": examples / seconds if seconds > 0 else None,
+        "extract_seconds": 0.0,
+        "num_classes": data.num_classes,
+        "test_examples": test_count,
+        "mode": "cached" if config_lib.uses_cached_features(config) else "online",
+        "backbone": setup.backbone.info["name"],
+        "dataset": data.name,
+        "head": {k: winner[k] for k in ("variant", "index", "learning_rate", "weight_decay")},
+        **extras,
+    }
+    if len(rows) > 1:
+        summary["sweep"] = {**winner, "heads": len(rows), "seconds": seconds}
+    return summary
+
+
+def _finish(setup: Setup, run: RunDir, rows, winner, summary, predictions) -> None:
+    """The run's record: the winning head's hyperparameters in config.json (a sweep's grid stays beside them),
+    the sweep table, predictions, labels, summary and report."""
+    config = ml_collections.ConfigDict(setup.config.to_dict())
+    config.optimizer.learning_rate, config.optimizer.weight_decay = winner["learning_rate"], winner["weight_decay"]
+    run.write(RunDir.CONFIG, config.to_dict())
+    if len(rows) > 1:
+        files = protocols.sweep_files(rows, winner, summary["total_steps"], summary["train_seconds"])
+        for name, content in files.items():
+            run.write(name, content)
+    run.write(RunDir.PREDICTIONS, predictions)
+    run.write(RunDir.LABELS, split_labels(setup.data.splits["test"]))
+    run.write(RunDir.SUMMARY, summary)
+    _write_report(run, setup.data)
+
+
+def _write_report(run: RunDir, data) -> None:
     """The HTML report; a plotting failure is logged, never allowed to fail a finished run."""
     from fxjax.runs import report
 
     try:
-        path = report.write_report(workdir, dataset=data)
-        log.info("report: %s", path)
+        log.info("report: %s", report.write_report(run.path, dataset=data))
     except Exception as err:  # noqa: BLE001
-        log.warning("could not write the report (%s: %s); rerun `python -m launch.report %s`",
-                    type(err).__name__, err, workdir)
-
-
-def _with_optimizer(config, learning_rate: float, weight_decay: float):
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.optimizer.learning_rate, config.optimizer.weight_decay = learning_rate, weight_decay
-    return config
-
-
-def _check_resumable(workdir: Path, backbone, data) -> None:
-    """A workdir with checkpoints must be resumed with the same classes and backbone weights."""
-    previous = workdir / "environment.json"
-    if not previous.exists() or not (workdir / "checkpoints").exists():
-        return
-    env = json.loads(previous.read_text())
-    if env.get("class_names") != data.class_names:
-        raise ValueError(
-            f"workdir {str(workdir)!r} holds a run with {len(env.get('class_names') or [])} classes; this config "
-            f"has {data.num_classes} ({data.name}): use a new --workdir")
-    if env.get("backbone", {}).get("weight_sha256") != backbone.info["weight_sha256"]:
-        raise ValueError(f"workdir {str(workdir)!r} holds a run of other backbone weights "
-                         f"({env['backbone'].get('name')}): use a new --workdir")
-
-
-def _abstract_targets(state: TrainState, trainer: Trainer):
-    shardings = lambda tree: jax.tree.map(lambda _: trainer.repl, tree)
-    return abstract(state.params, shardings(state.params)), abstract(state.opt_state, shardings(state.opt_state))
+        log.warning(
+            "could not write the report (%s: %s); rerun `python -m launch.report %s`", type(err).__name__, err, run.path
+        )
 
 
 def _best_first(checkpoints: Checkpoints) -> list[int]:
@@ -226,23 +283,6 @@ def _best_first(checkpoints: Checkpoints) -> list[int]:
     best = checkpoints.best_step()
     rest = [s for s in checkpoints.manager.all_steps() if s != best]
     return rest + ([best] if best is not None else [])  # restore_newest_good tries from the end
-
-
-class _Renamed:
-    """grain's training batches, keyed as the trainer expects ({"x", "label"}), keeping get/set_state."""
-
-    def __init__(self, iterator):
-        self.iterator = iterator
-
-    def __next__(self) -> dict:
-        batch = next(self.iterator)
-        return {"x": batch["image"], "label": batch["label"]}
-
-    def get_state(self):
-        return self.iterator.get_state()
-
-    def set_state(self, state) -> None:
-        self.iterator.set_state(state)
 
 
 class _TermFlag:
@@ -265,21 +305,32 @@ class _TermFlag:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def _save(checkpoints: Checkpoints, state: TrainState, train_iter, metrics: dict | None) -> None:
-    if not np.isfinite(float(optax.global_norm(state.params))):
-        raise NonFiniteLossError(f"parameters became non-finite at step {state.step}")
-    checkpoints.save(state.step, state.params, state.opt_state, {"loaders": _loader_states(train_iter)}, metrics)
+def _loader_state(iterator) -> dict:
+    """A data iterator's position as JSON (grain gives bytes)."""
+    state = iterator.get_state()
+    return {"grain": state.decode()} if isinstance(state, bytes) else state
+
+
+def _restore_loader(iterator, state: dict) -> None:
+    iterator.set_state(state["grain"].encode() if "grain" in state else state)
 
 
 def _loader_states(train_iter) -> list:
     """Every host's data position (they differ: each reads its own shard), in process order."""
-    mine = json.dumps(loader_state(train_iter))
+    mine = json.dumps(_loader_state(train_iter))
     if jax.process_count() == 1:
         return [json.loads(mine)]
     encoded = np.frombuffer(mine.encode(), np.uint8)
     longest = int(parallel.gather(np.asarray([len(encoded)])).max())
     padded = parallel.gather(np.pad(encoded, (0, longest - len(encoded)))[None])
     return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in padded]
+
+
+def _save(checkpoints: Checkpoints, state: TrainState, train_iter, metrics: dict | None) -> None:
+    if metrics is not None and not metrics["finite"]:
+        raise NonFiniteLossError(f"parameters became non-finite at step {state.step}")
+    metrics = None if metrics is None else {"val_accuracy": metrics["val_accuracy"]}
+    checkpoints.save(state.step, state.params, state.opt_state, {"loaders": _loader_states(train_iter)}, metrics)
 
 
 def _agreed(flag: bool) -> bool:
@@ -289,32 +340,39 @@ def _agreed(flag: bool) -> bool:
     return bool(parallel.gather(np.asarray([flag])).any())
 
 
-def _loop(config, trainer: Trainer, state: TrainState, train_iter, eval_iter, checkpoints: Checkpoints,
-          writer: MetricsWriter, steps_per_epoch: int, total_steps: int, workdir: Path) -> tuple[float, int]:
+def _best_val(val: dict, groups) -> dict:
+    """The best head's validation accuracy and loss (the checkpoint's metric), and whether any head is finite."""
+    pairs = [(a, loss) for g in groups for a, loss in zip(val[g]["accuracy"], val[g]["loss"]) if np.isfinite(loss)]
+    if not pairs:
+        return {"val_accuracy": 0.0, "loss": float("nan"), "finite": False}
+    accuracy, loss = max(pairs, key=lambda p: p[0])
+    return {"val_accuracy": float(accuracy), "loss": float(loss), "finite": True}
+
+
+def _fit(config, engine: Engine, state: TrainState, inputs: Inputs, checkpoints: Checkpoints,
+         writer: MetricsWriter, steps_per_epoch: int, total_steps: int, run: RunDir) -> tuple[float, int]:  # fmt: skip
     """Trains from `state.step` to `total_steps`; evaluates on val and checkpoints every few epochs."""
     eval_every = steps_per_epoch * config.eval_every_epochs
     save_every = steps_per_epoch * config.checkpoint.every_epochs
     seconds, examples = 0.0, 0
-    with _TermFlag() as term, tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
-                                   file=sys.stderr, disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
+    with _TermFlag() as term, Progress(total_steps, initial=state.step, desc="train", unit="step") as bar:
         while state.step < total_steps:
             start = time.perf_counter()
-            state, metrics = trainer.train_step(state, next(train_iter))
+            state, metrics = engine.train_step(state, next(inputs.train))
             seconds += time.perf_counter() - start
             examples += config.batch_size
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", img_s=f"{examples / seconds:.0f}")
+            bar.update(1, loss=metrics["loss"], img_s=examples / seconds)
             if state.step % config.log_every_steps == 0:
                 writer.write(state.step, "train", {**metrics, "images_per_second": examples / seconds})
             scheduled = state.step % eval_every == 0 or state.step % save_every == 0 or state.step == total_steps
             if scheduled:
-                val = trainer.evaluate(state.params, eval_iter("val"))
-                writer.write(state.step, "val", {"accuracy": val["accuracy"], "loss": val["loss"]})
-                _save(checkpoints, state, train_iter, {"val_accuracy": val["accuracy"]})
+                val = _best_val(engine.evaluate(state.params, inputs.eval("val")), engine.groups)
+                writer.write(state.step, "val", {"accuracy": val["val_accuracy"], "loss": val["loss"]})
+                _save(checkpoints, state, inputs.train, val)
             stop = _agreed(term.raised)
             if stop and not scheduled:
-                _save(checkpoints, state, train_iter, None)  # no metrics: never competes for best
+                _save(checkpoints, state, inputs.train, None)  # no metrics: never competes for best
             if stop:
                 checkpoints.wait()
-                raise Preempted(state.step, workdir)
+                raise Preempted(state.step, run)
     return seconds, examples

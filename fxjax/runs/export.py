@@ -24,17 +24,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fxjax import config as config_lib
-from fxjax.backbones import hub
-from fxjax.runs import rundir
-from fxjax.backbones import formats as weights
-from fxjax.data.preprocess import PreprocessSpec, preprocess_image
-from fxjax.data.sources import decode_rgb
-from fxjax.heads.heads import Head
+from fxjax.backbones import formats as weights, hub
 from fxjax.backbones.backbone import Backbone
 from fxjax.backbones.convert import path_str
-from fxjax.runs.report import RunDirError, read_run
-from fxjax.heads.engine import Classifier
+from fxjax.data.preprocess import PreprocessSpec, preprocess_image
+from fxjax.data.sources import decode_rgb
+from fxjax.heads.heads import Classifier, Head
+from fxjax.runs import checkpoint, rundir
+from fxjax.runs.report import read_run
+from fxjax.runs.rundir import RunDir, RunDirError
+from fxjax.runs.setup import Setup
 
 FORMAT = "fxjax-classifier"
 FORMAT_VERSION = 1
@@ -60,21 +59,20 @@ def export(workdir: str | Path, out: str | Path, *, with_backbone: bool = False)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty; choose another output folder")
     step = run.summary.get("best_step")
-    checkpoint = run.path / "checkpoints" / str(step) / "params"
-    if step is None or not checkpoint.is_dir():
-        raise RunDirError(
-            f"{checkpoint} is missing: the best checkpoint (summary.json best_step={step}) is gone"
-        )
-    prefix = "head." if run.summary.get("mode") == "cached" else ""  # cached runs train the head module alone
-    params = {prefix + name: value for name, value in _restore_flat(checkpoint).items()}
+    if step is None:
+        raise RunDirError(f"{run.path / RunDir.SUMMARY} has no best_step: is {str(run.path)!r} a finished run?")
+    winner = run.summary.get("head", {"variant": "pooled", "index": 0})
+    try:
+        saved = checkpoint.read_params(run.dir.checkpoints, step)
+    except FileNotFoundError as err:
+        raise RunDirError(f"{err} (summary.json best_step={step})") from None
+    # The winning head of the checkpoint's stacked heads [H, ...] of its feature variant.
+    group = winner["variant"] + "."
+    params = {name[len(group) :]: value[winner["index"]] for name, value in saved.items() if name.startswith(group)}
 
     config, recorded = run.config, run.environment.get("backbone", {})
-    backbone = hub.load_backbone(
-        config["backbone"],
-        revision=recorded.get("revision") or config.get("revision"),
-        dtype=config.get("dtype", "float32"),
-        param_dtype=config.get("param_dtype", "float32"),
-    )
+    # The backbone as the run built it, at the exact commit it recorded.
+    backbone = Setup.from_record({**config, "revision": recorded.get("revision") or config.get("revision")}).backbone
     _check_hash(backbone.info["weight_sha256"], recorded.get("weight_sha256"), config["backbone"])
     head_config = config["head"]
     spec = {
@@ -88,7 +86,7 @@ def export(workdir: str | Path, out: str | Path, *, with_backbone: bool = False)
             "dropout": head_config.get("dropout", 0.0),
             "hidden_dims": list(head_config["hidden_dims"]) if head_config["kind"] == "mlp" else [],
         },
-        "frozen_stages": config_lib.frozen_stages(config["freeze"], backbone.num_stages),
+        "variant": winner["variant"],
         "image_size": config.get("image_size"),
         "dtype": config.get("dtype", "float32"),
         "param_dtype": config.get("param_dtype", "float32"),
@@ -118,23 +116,6 @@ def export(workdir: str | Path, out: str | Path, *, with_backbone: bool = False)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _restore_flat(checkpoint: Path) -> dict[str, np.ndarray]:
-    """An Orbax params item → {dotted module path: array}, onto this process's first device whatever mesh
-    saved it (a run trained on 8 devices exports on a laptop)."""
-    import orbax.checkpoint as ocp
-
-    checkpointer = ocp.StandardCheckpointer()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    tree = ocp.StandardCheckpointHandler().metadata(checkpoint).tree  # the item's own metadata, no step
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-    restored = checkpointer.restore(checkpoint, target)
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
-        name = jax.tree_util.keystr(path, simple=True, separator=".")
-        flat[name.removesuffix(".value")] = np.asarray(leaf)  # NNX Variables store their array under "value"
-    return flat
 
 
 def _save_params(params: dict[str, np.ndarray], path: Path, step: int) -> None:
@@ -213,9 +194,7 @@ def load_classifier(path: str | Path) -> ExportedClassifier:
     folder = Path(path)
     spec_file = folder / "classifier.json"
     if not spec_file.is_file():
-        raise FileNotFoundError(
-            f"{spec_file} is missing: is {str(folder)!r} a folder written by launch.export?"
-        )
+        raise FileNotFoundError(f"{spec_file} is missing: is {str(folder)!r} a folder written by launch.export?")
     spec = json.loads(spec_file.read_text())
     if spec.get("format") != FORMAT or spec.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(
@@ -230,7 +209,7 @@ def load_classifier(path: str | Path) -> ExportedClassifier:
         dropout=spec["head"]["dropout"],
         rngs=nnx.Rngs(0),
     )
-    model = Classifier(backbone.module, head, spec["frozen_stages"])
+    model = Classifier(backbone.module, head, spec.get("variant", "pooled"))
     _assign(model, folder / "head.safetensors")
     return ExportedClassifier(model, list(spec["class_names"]), PreprocessSpec(**spec["preprocess"]), spec)
 
@@ -245,8 +224,9 @@ def _load_backbone(spec: dict, folder: Path) -> Backbone:
             raise FileNotFoundError(f"bundled backbone weights missing: {', '.join(missing)}")
         _check_hash(weights.sha256_files(files), entry["weight_sha256"], str(bundled))  # before the slow load
         if entry["name"] in hub.BUILTINS:
-            return hub.load_backbone(entry["name"], dtype=dtype, param_dtype=param_dtype,
-                                     weights_file=files[0] if files else None)
+            return hub.load_backbone(
+                entry["name"], dtype=dtype, param_dtype=param_dtype, weights_file=files[0] if files else None
+            )
         return hub.load_folder(
             bundled,
             name=entry["name"],
@@ -254,9 +234,7 @@ def _load_backbone(spec: dict, folder: Path) -> Backbone:
             dtype=jnp.dtype(dtype),
             param_dtype=jnp.dtype(param_dtype),
         )
-    backbone = hub.load_backbone(
-        entry["name"], revision=entry["revision"], dtype=dtype, param_dtype=param_dtype
-    )
+    backbone = hub.load_backbone(entry["name"], revision=entry["revision"], dtype=dtype, param_dtype=param_dtype)
     _check_hash(backbone.info["weight_sha256"], entry["weight_sha256"], entry["name"])
     return backbone
 

@@ -8,12 +8,13 @@ from pathlib import Path
 import jax
 
 from fxjax.runs import rundir
+from fxjax.runs.rundir import RunDir
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, *, resume_step: int = 0):
+    def __init__(self, run: RunDir, *, resume_step: int = 0):
         self.enabled = jax.process_index() == 0
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = run / RunDir.METRICS
         self._tb = None
         if not self.enabled:
             return
@@ -21,7 +22,7 @@ class MetricsWriter:
         self._file = self.path.open("a")
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_step or None)
+        self._tb = SummaryWriter(str(run / RunDir.TENSORBOARD), purge_step=resume_step or None)
 
     def _truncate_after(self, step: int) -> None:
         """A resumed run redoes the steps after its checkpoint, and the final test evaluation: drop their old
@@ -48,5 +49,4 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-    path = Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    return RunDir(workdir).read(RunDir.METRICS, default=[])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,57 +20,40 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from fxjax.runs import rundir
 from fxjax.data.preprocess import to_rgb
+from fxjax.runs import rundir
+from fxjax.runs.rundir import RunDir
 
-RUN_FILES = ("config.json", "environment.json", "summary.json", "metrics.jsonl", "test_predictions.npy")
-COMPARE_FILES = ("config.json", "summary.json", "metrics.jsonl")
+RUN_FILES = (RunDir.CONFIG, RunDir.ENVIRONMENT, RunDir.SUMMARY, RunDir.METRICS, RunDir.PREDICTIONS)
+COMPARE_FILES = (RunDir.CONFIG, RunDir.SUMMARY, RunDir.METRICS)
 MAX_MISCLASSIFIED = 16
 _ANNOTATE_UP_TO = 20  # classes: beyond this, confusion-matrix cells are too small for numbers
 
 
-class RunDirError(FileNotFoundError):
-    """A run directory lacks a file the report needs, or holds one that cannot be read."""
-
-
 @dataclass
 class Run:
-    path: Path
+    dir: RunDir
     config: dict
     summary: dict
     metrics: list[dict]
     environment: dict
 
+    @property
+    def path(self) -> Path:
+        return self.dir.path
+
 
 def read_run(workdir: str | Path, required: Sequence[str] = RUN_FILES) -> Run:
     """The run's records, or a one-line RunDirError naming the first missing or unreadable file."""
-    path = Path(workdir)
-    if not path.is_dir():
-        raise RunDirError(f"run directory {str(path)!r} does not exist")
-    for name in required:
-        if not (path / name).is_file():
-            raise RunDirError(f"{path / name} is missing: is {str(path)!r} a finished run directory?")
+    run = RunDir(workdir)
+    run.require(*required)
     return Run(
-        path,
-        _json(path / "config.json"),
-        _json(path / "summary.json"),
-        _jsonl(path / "metrics.jsonl"),
-        _json(path / "environment.json") if (path / "environment.json").is_file() else {},
+        run,
+        run.read(RunDir.CONFIG),
+        run.read(RunDir.SUMMARY),
+        run.read(RunDir.METRICS, default=[]),
+        run.read(RunDir.ENVIRONMENT, default={}),
     )
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise RunDirError(f"{path} is unreadable ({err})") from err
-
-
-def _jsonl(path: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError) as err:
-        raise RunDirError(f"{path} is unreadable ({err})") from err
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -187,9 +169,7 @@ def sweep_figure(table: list[dict]) -> Figure:
                     weight="bold" if value == best else None,
                 )
                 if value == best:
-                    ax.add_patch(
-                        Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
-                    )
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
         ax.set_xticks(range(len(decays)), [f"{d:g}" for d in decays], rotation=45, fontsize=8)
         ax.set_yticks(range(len(rates)), [f"{lr:g}" for lr in rates], fontsize=8)
         ax.set(xlabel="weight decay", ylabel="learning rate", title=variant or "sweep")
@@ -197,9 +177,7 @@ def sweep_figure(table: list[dict]) -> Figure:
     return fig
 
 
-def misclassified_figure(
-    images: Sequence[np.ndarray], true: Sequence[str], predicted: Sequence[str]
-) -> Figure:
+def misclassified_figure(images: Sequence[np.ndarray], true: Sequence[str], predicted: Sequence[str]) -> Figure:
     columns = min(len(images), 8)
     rows = -(-len(images) // columns)
     fig = Figure(figsize=(1.6 * columns, 1.9 * rows), layout="constrained")
@@ -240,11 +218,11 @@ def write_report(workdir: str | Path, *, dataset=None, max_misclassified: int = 
     """
     run = read_run(workdir)
     class_names = list(run.environment.get("class_names") or [])
-    predictions = np.load(run.path / "test_predictions.npy")
+    predictions = run.dir.read(RunDir.PREDICTIONS)
     notes: dict[str, str] = {}
     test_split, labels = None, None
-    if (run.path / "test_labels.npy").is_file():
-        labels = np.load(run.path / "test_labels.npy")
+    if run.dir.has(RunDir.LABELS):
+        labels = run.dir.read(RunDir.LABELS)
     try:
         test_split = _test_split(run, dataset, len(predictions))
     except (OSError, ValueError, ImportError) as err:
@@ -270,36 +248,23 @@ def write_report(workdir: str | Path, *, dataset=None, max_misclassified: int = 
         elif test_split is not None:
             notes["misclassified"] = "no test image was misclassified"
     else:
-        notes["confusion-matrix"] = (
-            "no test labels: test_labels.npy is missing and the dataset could not be read"
-        )
-    sweep = _optional_json(run.path / "sweep.json")
+        notes["confusion-matrix"] = "no test labels: test_labels.npy is missing and the dataset could not be read"
+    sweep = run.dir.read(RunDir.SWEEP, default={}) or None
     if sweep and sweep.get("table"):
         figures["sweep"] = ("sweep.png", png(sweep_figure(sweep["table"])))
-    fewshot = _optional_json(run.path / "fewshot.json")
+    fewshot = run.dir.read(RunDir.FEWSHOT, default={}) or None
 
     for name, data in figures.values():
-        rundir.write_bytes(run.path / name, data)
-    page = _report_html(run, figures, notes, sweep, fewshot)
-    out = run.path / "report.html"
-    rundir.write_bytes(out, page.encode())
-    return out
+        run.dir.write(name, data)
+    return run.dir.write(RunDir.REPORT, _report_html(run, figures, notes, sweep, fewshot))
 
 
 def _test_split(run: Run, dataset, expected: int):
     """The test split the predictions refer to, checked against the run's record of it."""
     if dataset is None:
-        from fxjax.data.sources import load_dataset
+        from fxjax.runs.setup import Setup
 
-        data_config = run.config.get("data", {})
-        dataset = load_dataset(
-            data_config["source"],
-            data_dir=data_config.get("data_dir"),
-            val_fraction=data_config.get("val_fraction", 0.1),
-            test_fraction=data_config.get("test_fraction", 0.2),
-            seed=data_config.get("split_seed", 0),
-            few_shot_k=data_config.get("few_shot_k"),
-        )
+        dataset = Setup.from_record(run.config).data
     recorded = run.environment.get("dataset_fingerprint", {}).get("test")
     if recorded is not None and dataset.fingerprint["test"] != recorded:
         raise ValueError(f"the test split of {dataset.name} changed since the run (fingerprint differs)")
@@ -307,10 +272,6 @@ def _test_split(run: Run, dataset, expected: int):
     if len(split) != expected:
         raise ValueError(f"the test split has {len(split)} examples but the run predicted {expected}")
     return split
-
-
-def _optional_json(path: Path) -> dict | None:
-    return _json(path) if path.is_file() else None
 
 
 # -------------------------------------------------------------------------------------------- comparison
@@ -414,11 +375,7 @@ def _table(header: Sequence[str] | None, rows: Sequence[Sequence], table_id: str
         numeric = text.replace(",", "").replace(".", "", 1).lstrip("-").isdigit()
         return f"<td class=num>{text}</td>" if numeric else f"<td>{text}</td>"
 
-    head = (
-        "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>"
-        if header
-        else ""
-    )
+    head = "<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead>" if header else ""
     body = "".join("<tr>" + "".join(cell(v) for v in row) + "</tr>" for row in rows)
     attr = f' id="{table_id}"' if table_id else ""
     return f"<table{attr}>{head}<tbody>{body}</tbody></table>"
@@ -472,11 +429,10 @@ def _report_html(run: Run, figures: dict, notes: dict, sweep: dict | None, fewsh
     ]
     body = [
         f"<h1>Run report: {html.escape(run.path.name)}</h1>",
-        f"<p class=note><code>{html.escape(str(run.path.absolute()))}</code></p>",
+        f"<p class=note><code>{html.escape(str(run.path))}</code></p>",
         '<div class=cards id="summary">'
         + "".join(
-            f"<div class=card><div class=value>{html.escape(v)}</div>"
-            f"<div class=label>{html.escape(k)}</div></div>"
+            f"<div class=card><div class=value>{html.escape(v)}</div><div class=label>{html.escape(k)}</div></div>"
             for k, v in cards
         )
         + "</div>",

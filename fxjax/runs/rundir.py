@@ -1,4 +1,6 @@
-"""The run directory: checked before anything runs, and written only atomically (temporary name, then rename)."""
+"""The run directory, the record of one experiment: `RunDir` names, writes and reads every file in it (config,
+environment, summary, metrics, predictions, tables, report, checkpoints); everything is written atomically
+(temporary name, then rename), so a reader sees an old file or a new one, never half of one."""
 
 from __future__ import annotations
 
@@ -15,8 +17,19 @@ from pathlib import Path
 import jax
 import numpy as np
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets", "transformers",
-            "safetensors", "numpy", "ml_collections")
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "grain",
+    "tensorflow-datasets",
+    "transformers",
+    "safetensors",
+    "numpy",
+    "ml_collections",
+)
 
 
 def prepare(workdir: str | Path) -> Path:
@@ -28,7 +41,8 @@ def prepare(workdir: str | Path) -> Path:
             pass
     except OSError as err:
         raise PermissionError(
-            f"workdir {str(path)!r} is not writable ({err.strerror}); choose another --workdir") from err
+            f"workdir {str(path)!r} is not writable ({err.strerror}); choose another --workdir"
+        ) from err
     return path
 
 
@@ -122,3 +136,85 @@ def acquire_lock(workdir: Path):
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     handle.flush()
     return handle
+
+
+class RunDirError(FileNotFoundError):
+    """A run directory lacks a file a command needs, or holds one that cannot be read."""
+
+
+class RunDir:
+    """One run's directory. Every module that reads or writes a run file goes through here."""
+
+    CONFIG = "config.json"  # the resolved config
+    ENVIRONMENT = "environment.json"  # provenance: versions, devices, commit, weights, data fingerprints
+    SUMMARY = "summary.json"  # the final numbers
+    METRICS = "metrics.jsonl"  # one record per logged step (train / val / test)
+    PREDICTIONS = "test_predictions.npy"
+    LABELS = "test_labels.npy"
+    SWEEP, SWEEP_TABLE = "sweep.json", "sweep.md"
+    PROBES, PROBES_TABLE = "probes.json", "probes.md"
+    FEWSHOT, FEWSHOT_TABLE = "fewshot.json", "fewshot.md"
+    REPORT = "report.html"
+    CHECKPOINTS = "checkpoints"
+    TENSORBOARD = "tensorboard"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser().absolute()
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    def prepare(self) -> RunDir:
+        """Creates the directory and proves it writable, or fails with a one-line error naming it."""
+        prepare(self.path)
+        return self
+
+    def lock(self):
+        return acquire_lock(self.path)
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    def require(self, *names: str, what: str = "a finished run directory") -> None:
+        """A one-line RunDirError naming the first missing file (or a missing directory)."""
+        if not self.path.is_dir():
+            raise RunDirError(f"run directory {str(self.path)!r} does not exist")
+        for name in names:
+            if not self.has(name):
+                raise RunDirError(f"{self.path / name} is missing: is {str(self.path)!r} {what}?")
+
+    def read(self, name: str, default=None):
+        """A JSON / JSON-lines / .npy file's contents; `default` when it is absent (None: it must exist)."""
+        file = self.path / name
+        if not file.is_file():
+            if default is not None:
+                return default
+            self.require(name)
+        try:
+            if name.endswith(".jsonl"):
+                return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+            if name.endswith(".npy"):
+                return np.load(file, allow_pickle=False)
+            return json.loads(file.read_text())
+        except (OSError, ValueError) as err:
+            raise RunDirError(f"{file} is unreadable ({err})") from err
+
+    def write(self, name: str, content) -> Path:
+        """Atomically: .json from an object, .npy from an array, text or bytes otherwise."""
+        file = self.path / name
+        if name.endswith(".json"):
+            write_json(file, content)
+        elif name.endswith(".npy"):
+            write_npy(file, content)
+        elif isinstance(content, str):
+            write_text(file, content)
+        else:
+            write_bytes(file, content)
+        return file

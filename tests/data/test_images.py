@@ -26,7 +26,7 @@ def _assert_same(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x["label"], y["label"])
-        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["x"], y["x"])
 
 
 @pytest.mark.parametrize("n", [37, 40, 3])
@@ -35,14 +35,14 @@ def test_eval_sees_each_example_once_in_order_with_padding_masked(n):
     batches = list(eval_batches(source, SPEC, batch_size=8))
     assert len(batches) == -(-n // 8)
     for b in batches:
-        assert b["image"].shape == (8, 6, 6, 3) and b["image"].dtype == np.float32
+        assert b["x"].shape == (8, 6, 6, 3) and b["x"].dtype == np.float32
         assert b["label"].dtype == np.int32 and b["mask"].dtype == bool and b["mask"].shape == (8,)
     labels = np.concatenate([b["label"][b["mask"]] for b in batches])
     np.testing.assert_array_equal(labels, np.arange(n))
     mask = np.concatenate([b["mask"] for b in batches])
     assert mask.sum() == n and mask[:n].all()
-    assert (batches[-1]["image"][~batches[-1]["mask"]] == 0).all()
-    np.testing.assert_array_equal(batches[0]["image"][1], preprocess_image(source[1]["image"], SPEC))
+    assert (batches[-1]["x"][~batches[-1]["mask"]] == 0).all()
+    np.testing.assert_array_equal(batches[0]["x"][1], preprocess_image(source[1]["image"], SPEC))
 
 
 @pytest.mark.parametrize(("n", "hosts", "batch_size"), [(37, 2, 8), (5, 2, 4), (10, 4, 4)])
@@ -54,7 +54,7 @@ def test_eval_hosts_cover_everything_once_with_equal_batch_counts(n, hosts, batc
     assert len({len(batches) for batches in per_host}) == 1
     labels = np.concatenate([b["label"][b["mask"]] for batches in per_host for b in batches])
     np.testing.assert_array_equal(labels, np.arange(n))  # host order then batch order = dataset order
-    assert all(b["image"].shape[0] == batch_size // hosts for batches in per_host for b in batches)
+    assert all(b["x"].shape[0] == batch_size // hosts for batches in per_host for b in batches)
 
 
 def test_eval_all_padding_batch_for_short_host():
@@ -66,7 +66,7 @@ def test_train_batches_shapes_and_seeded_shuffle():
     source = _source(16)
     first = _take(iter(train_loader(source, SPEC, batch_size=16, seed=0, num_epochs=2)), 3)
     assert len(first) == 2  # two epochs, one batch each; num_epochs ends the stream
-    assert first[0]["image"].shape == (16, 6, 6, 3) and first[0]["label"].dtype == np.int32
+    assert first[0]["x"].shape == (16, 6, 6, 3) and first[0]["label"].dtype == np.int32
     epoch0, epoch1 = (sorted(b["label"].tolist()) for b in first)
     assert epoch0 == epoch1 == list(range(16))
     assert first[0]["label"].tolist() != first[1]["label"].tolist()  # reshuffled each epoch
@@ -91,7 +91,7 @@ def test_train_resume_reproduces_uninterrupted_stream_with_augmentation():
     # Augmentation is really on: the same example differs between epochs.
     views = {}
     for b in uninterrupted:
-        for label, image in zip(b["label"], b["image"], strict=True):
+        for label, image in zip(b["label"], b["x"], strict=True):
             views.setdefault(int(label), []).append(image)
     assert any(not np.array_equal(v[0], v[1]) for v in views.values() if len(v) > 1)
 

@@ -17,9 +17,9 @@ from fxjax.backbones.families import vit
 from fxjax.config import default_config
 from fxjax.data.preprocess import PreprocessSpec
 from fxjax.features import extract as features
-from fxjax.heads.engine import Classifier, Trainer
-from fxjax.heads.freeze import frozen_prefixes
-from fxjax.heads.heads import Head
+from fxjax.heads.engine import Engine
+from fxjax.heads.freeze import frozen_patterns, trainable
+from fxjax.heads.heads import Classifier, Head
 from fxjax.parallel.sharding import fsdp_shardings, fsdp_spec
 
 T = pytest.importorskip("transformers")
@@ -84,8 +84,8 @@ def test_vit_parameters_are_split_over_fsdp_and_small_ones_replicated():
 def test_fsdp_features_equal_replicated_features():
     rng = np.random.default_rng(0)
     images = rng.normal(size=(40, 32, 32, 3)).astype(np.float32)
-    batches = [{"image": images[i : i + 16], "mask": np.ones(16, bool)} for i in (0, 16)]
-    batches.append({"image": np.concatenate([images[32:], images[:8]]), "mask": np.arange(16) < 8})
+    batches = [{"x": images[i : i + 16], "mask": np.ones(16, bool)} for i in (0, 16)]
+    batches.append({"x": np.concatenate([images[32:], images[:8]]), "mask": np.arange(16) < 8})
     backbone = Backbone(_vit(), PreprocessSpec(size=(32, 32)))
     replicated = features.extract(backbone, iter(batches), total=40, mesh=_mesh(8, 1))["pooled"]
     sharded = features.extract(backbone, iter(batches), total=40, mesh=_mesh(2, 4), param_sharding=FSDP)["pooled"]
@@ -94,10 +94,10 @@ def test_fsdp_features_equal_replicated_features():
     np.testing.assert_allclose(replicated, np.asarray(backbone.features(images)), rtol=1e-5, atol=1e-5)
 
 
-def _train(model, frozen, mesh, frozen_sharding, batches, evaluate=True, **opt):
-    trainer = Trainer(
-        model,
-        frozen,
+def _train(model, is_trainable, mesh, frozen_sharding, batches, evaluate=True, **opt):
+    trainer = Engine(
+        {"pooled": model},
+        is_trainable,
         num_classes=3,
         opt_config=_opt(learning_rate=0.05, **opt),
         total_steps=4,
@@ -111,6 +111,8 @@ def _train(model, frozen, mesh, frozen_sharding, batches, evaluate=True, **opt):
         losses.append(metrics["loss"])
     mask = np.arange(16) < 12
     evaluated = trainer.evaluate(state.params, iter([{**batches[0], "mask": mask}])) if evaluate else None
+    if evaluated is not None:
+        evaluated = {"count": evaluated["count"], **evaluated["pooled"]}
     return trainer, state, np.asarray(losses), evaluated
 
 
@@ -123,9 +125,9 @@ def _batches(shape, n=4):
 
 
 def test_head_on_features_trains_the_same_on_data2_fsdp4_as_on_data8():
-    batches = _batches((32,))
+    b = _batches((32,))
     runs = [
-        _train(Head(32, 3, hidden_dims=(16,), rngs=nnx.Rngs(1)), (), _mesh(d, f), s, batches)
+        _train(Classifier(None, Head(32, 3, hidden_dims=(16,), rngs=nnx.Rngs(1))), trainable(()), _mesh(d, f), s, b)
         for d, f, s in ((8, 1, None), (2, 4, FSDP))
     ]
     (_, a, losses_a, eval_a), (_, b, losses_b, eval_b) = runs
@@ -141,12 +143,12 @@ def test_online_partly_frozen_vit_with_fsdp_frozen_state_matches_replicated():
 
     def classifier():
         module = _vit()
-        return Classifier(module, Head(32, 3, rngs=nnx.Rngs(1)), frozen_stages=2), frozen_prefixes(module, 2)
+        return Classifier(module, Head(32, 3, rngs=nnx.Rngs(1))), trainable(frozen_patterns("2", module.stage_paths()))
 
     (_, a, losses_a, _), (trainer, b, losses_b, _) = [
         _train(*classifier(), _mesh(d, f), s, batches, evaluate=False) for d, f, s in ((8, 1, None), (2, 4, FSDP))
     ]
-    frozen = _local_shapes(trainer.frozen)
+    frozen = _local_shapes(trainer.frozen["pooled"])
     assert frozen["backbone.blocks.0.attn.query.kernel"] == (32, 8)  # block 0 frozen, held 1/4 per device
     assert "backbone.blocks.1.attn.query.kernel" not in frozen  # block 1 trains, replicated
     np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5)

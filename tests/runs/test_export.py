@@ -18,10 +18,10 @@ import fxjax
 from fxjax.backbones import hub
 from fxjax.backbones.convert import path_str
 from fxjax.data.sources import load_dataset
-from fxjax.heads.engine import Classifier
-from fxjax.heads.freeze import frozen_prefixes, split_trainable
-from fxjax.heads.heads import Head
-from fxjax.runs.export import WeightHashError, _assign, _copy_backbone, _load_backbone, _restore_flat
+from fxjax.heads import freeze
+from fxjax.heads.heads import Classifier, Head
+from fxjax.runs import checkpoint
+from fxjax.runs.export import WeightHashError, _assign, _copy_backbone, _load_backbone
 from launch import export as export_cli, predict as predict_cli
 
 
@@ -63,9 +63,7 @@ def test_folder_records_backbone_classes_preprocessing_and_best_head(run, export
     spec = json.loads((exported / "classifier.json").read_text())
     env = json.loads((run / "environment.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
-    assert spec["backbone"] == {
-        k: env["backbone"][k] for k in ("name", "revision", "model_type", "weight_sha256")
-    }
+    assert spec["backbone"] == {k: env["backbone"][k] for k in ("name", "revision", "model_type", "weight_sha256")}
     assert spec["class_names"] == env["class_names"] and spec["preprocess"] == env["preprocess"]
     assert spec["head"] == {"kind": "linear", "hidden_dims": [], "dropout": 0.0}
     assert spec["image_size"] == 32 and spec["trained"]["step"] == summary["best_step"]
@@ -73,7 +71,10 @@ def test_folder_records_backbone_classes_preprocessing_and_best_head(run, export
     tensors = load_file(str(exported / "head.safetensors"))
     saved = ocp.StandardCheckpointer().restore(run / "checkpoints" / str(summary["best_step"]) / "params")
     assert set(tensors) == {"head.out.kernel", "head.out.bias"}
-    np.testing.assert_array_equal(tensors["head.out.kernel"], np.asarray(saved["out"]["kernel"]["value"]))
+    # The checkpoint holds the run's stacked heads [H, ...] per feature variant; export takes the winning one.
+    head = summary["head"]
+    stacked = np.asarray(saved[head["variant"]]["head"]["out"]["kernel"]["value"])
+    np.testing.assert_array_equal(tensors["head.out.kernel"], stacked[head["index"]])
     assert not list(exported.parent.glob(".*"))  # no temporary folder left behind
 
 
@@ -135,9 +136,7 @@ def test_bundled_hugging_face_backbone_loads_from_the_export_alone(tmp_path):
     transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(source)
     original = hub.load_backbone(str(source))
     (tmp_path / "out").mkdir()
-    names = _copy_backbone(
-        original.info["name"], original.info["weight_files"], tmp_path / "out" / "backbone"
-    )
+    names = _copy_backbone(original.info["name"], original.info["weight_files"], tmp_path / "out" / "backbone")
     assert {p.name for p in (tmp_path / "out" / "backbone").iterdir()} == {*names, "config.json"}
     shutil.rmtree(source)  # the export must not need the original folder
     entry = {
@@ -145,9 +144,7 @@ def test_bundled_hugging_face_backbone_loads_from_the_export_alone(tmp_path):
         "path": "backbone",
         "weight_files": names,
     }
-    loaded = _load_backbone(
-        {"backbone": entry, "dtype": "float32", "param_dtype": "float32"}, tmp_path / "out"
-    )
+    loaded = _load_backbone({"backbone": entry, "dtype": "float32", "param_dtype": "float32"}, tmp_path / "out")
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_array_equal(loaded.features(x), original.features(x))
 
@@ -166,14 +163,15 @@ def test_fine_tuned_backbone_stages_travel_with_the_head(tmp_path):
     """A run with unfrozen stages checkpoints Classifier paths ("backbone.…"); they load into a new model."""
 
     def classifier(seed):
-        return Classifier(_StagedBackbone(nnx.Rngs(seed)), Head(4, 3, rngs=nnx.Rngs(seed)), 1)
+        return Classifier(_StagedBackbone(nnx.Rngs(seed)), Head(4, 3, rngs=nnx.Rngs(seed)))
 
     trained = classifier(0)
-    _, params, _ = split_trainable(trained, frozen_prefixes(trained.backbone, 1))
+    frozen = freeze.frozen_patterns("1", trained.backbone.stage_paths())
+    _, params, _ = freeze.split_trainable(trained, freeze.trainable(frozen))
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(tmp_path / "params", params)
+    checkpointer.save(tmp_path / "7" / "params", params)
     checkpointer.wait_until_finished()
-    flat = _restore_flat(tmp_path / "params")
+    flat = checkpoint.read_params(tmp_path, 7)
     assert set(flat) == {
         "head.out.kernel",
         "head.out.bias",
@@ -185,9 +183,7 @@ def test_fine_tuned_backbone_stages_travel_with_the_head(tmp_path):
     after = {path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(fresh))}
     for name, value in flat.items():
         np.testing.assert_array_equal(after[name], value, err_msg=name)
-    assert not np.array_equal(
-        after["backbone.stages.0.kernel"], np.asarray(trained.backbone.stages[0].kernel)
-    )
+    assert not np.array_equal(after["backbone.stages.0.kernel"], np.asarray(trained.backbone.stages[0].kernel))
 
 
 def test_predict_prints_a_line_per_image_and_json(exported, tmp_path, capsys):

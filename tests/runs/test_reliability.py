@@ -19,16 +19,30 @@ from fxjax.runs.checkpoint import Checkpoints
 from tests.runs.test_experiment import small_config
 
 ROOT = Path(__file__).resolve().parents[2]
-ARGS = ["--config", "configs/quickstart.py", "--config.image_size=32", "--config.num_epochs=4",
-        "--config.batch_size=32"]
+ARGS = [
+    "--config",
+    "configs/quickstart.py",
+    "--config.image_size=32",
+    "--config.num_epochs=4",
+    "--config.batch_size=32",
+]
 
 
 def _launch(workdir: Path) -> subprocess.Popen:
     # A cache of its own per workdir, so a killed run really extracts (and can be killed while it does).
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-           "FXJAX_CACHE_DIR": str(workdir.parent / f"cache-{workdir.name}")}
-    return subprocess.Popen([sys.executable, "-m", "launch.train", *ARGS, "--workdir", str(workdir)], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "FXJAX_CACHE_DIR": str(workdir.parent / f"cache-{workdir.name}"),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch.train", *ARGS, "--workdir", str(workdir)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _final_params(workdir: Path):

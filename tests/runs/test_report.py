@@ -190,9 +190,7 @@ def test_comparison_has_one_table_with_both_runs_and_overlaid_curves(run, tmp_pa
 def test_headless_browser_renders_the_report(report, tmp_path):
     browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
     if browser is None:
-        pytest.skip(
-            "no headless browser installed (apt-get install chromium): the report's rendering is unchecked"
-        )
+        pytest.skip("no headless browser installed (apt-get install chromium): the report's rendering is unchecked")
     shot = tmp_path / "shot.png"
     with tempfile.TemporaryDirectory() as profile:
         subprocess.run(

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fxjax import config as config_lib
 from fxjax.runs import experiment
-from launch import train as train_cli
 
 _RUNS: dict[Path, Path] = {}  # pytest's base temp dir → the run made in it
 
 
 def tiny_config():
-    config = train_cli.load_config_file("configs/quickstart.py")
+    config = config_lib.load_config_file("configs/quickstart.py")
     config.image_size = 32
     config.num_epochs = 2
     config.eval_every_epochs = 1

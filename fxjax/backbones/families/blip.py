@@ -15,8 +15,6 @@ from fxjax.backbones.convert import Rule
 from fxjax.backbones.families.clip import LAYER_NAMES, vision_config
 from fxjax.backbones.transformer import TransformerSpec, VisionTransformer, block_rules, norm_rules, patch_rules
 
-MODEL_TYPES = ("blip", "blip_vision_model")
-
 
 def spec(config) -> TransformerSpec:
     return TransformerSpec.from_hf(vision_config(config), fused_qkv=True)

@@ -23,8 +23,6 @@ from fxjax.backbones.transformer import (
     patch_rules,
 )
 
-MODEL_TYPES = ("clip", "clip_vision_model")
-
 # HF CLIP / SigLIP / BLIP encoder-layer names.
 LAYER_NAMES = {
     r"self_attn\.q_proj": "attn.query",

@@ -7,7 +7,6 @@ identity at inference and is left out.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -15,7 +14,6 @@ from fxjax.backbones.activations import activation
 from fxjax.backbones.convert import Rule
 from fxjax.backbones.layers import DepthwiseConv, dot_general
 
-MODEL_TYPES = ("convnext",)
 INNER_NORM_EPS = 1e-6  # fixed in the reference for every LayerNorm but the final one (config.layer_norm_eps)
 
 
@@ -93,18 +91,14 @@ class ConvNext(nnx.Module):
         stages = [(f"stages.{i}",) for i in range(len(self.stages))]
         return [("patch_embeddings", "embeddings_norm"), *stages, ("layernorm",)]
 
-    def __call__(self, x, *, frozen_stages: int = 0) -> dict:
-        """x: [n, h, w, c] normalised. What leaves the first `frozen_stages` stages carries no gradient."""
-
-        def boundary(y, index):
-            return jax.lax.stop_gradient(y) if index < frozen_stages else y
-
-        x = boundary(self.embeddings_norm(self.patch_embeddings(x)), 0)  # [n, h / patch, w / patch, width]
+    def __call__(self, x) -> dict:
+        """x: [n, h, w, c] normalised → pooled features, the final feature map and each stage's output."""
+        x = self.embeddings_norm(self.patch_embeddings(x))  # [n, h / patch, w / patch, width]
         hidden = [x]
-        for i, stage in enumerate(self.stages):
-            x = boundary(stage(x), i + 1)
+        for stage in self.stages:
+            x = stage(x)
             hidden.append(x)
-        pooled = boundary(self.layernorm(jnp.mean(x, axis=(1, 2))), len(self.stages) + 1)
+        pooled = self.layernorm(jnp.mean(x, axis=(1, 2)))
         return {"pooled": pooled, "feature_map": x, "hidden_states": tuple(hidden)}
 
 

@@ -15,8 +15,6 @@ from fxjax.backbones.convert import Rule
 from fxjax.backbones.families.vit import ATTENTION_NAMES, embedding_rules
 from fxjax.backbones.transformer import TransformerSpec, VisionTransformer, block_rules
 
-MODEL_TYPES = ("dinov2", "dinov2_with_registers")
-
 
 def spec(config) -> TransformerSpec:
     mlp_dim = int(config.hidden_size * config.mlp_ratio)

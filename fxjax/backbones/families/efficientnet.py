@@ -22,8 +22,6 @@ from fxjax.backbones.activations import activation
 from fxjax.backbones.convert import Rule
 from fxjax.backbones.layers import DepthwiseConv, PointwiseConv
 
-MODEL_TYPES = ("efficientnet",)
-
 
 @dataclass(frozen=True)
 class BlockArgs:
@@ -250,28 +248,19 @@ class EfficientNet(nnx.Module):
         self.head = _conv(config.stages()[-1].filters_out, config.head_filters, 1, **kw)
         self.head_bn = _bn(config.head_filters, config, **kw)
 
-    @property
-    def num_stages(self) -> int:
-        return len(self.stages) + 2
-
     def stage_paths(self) -> list[tuple[str, ...]]:
         """Module-path prefixes of each stage, input to output: stem, the seven block stages, head."""
         return [("stem", "stem_bn")] + [(f"stages.{i}",) for i in range(len(self.stages))] + [("head", "head_bn")]
 
-    def __call__(self, x, *, frozen_stages: int = 0) -> dict:
-        """x: [n, h, w, 3] normalised. Activations leaving the first `frozen_stages` stages carry no gradient."""
-
-        def boundary(y, index):
-            return jax.lax.stop_gradient(y) if index < frozen_stages else y
-
-        x = boundary(self.activation(self.stem_bn(self.stem(x))), 0)
+    def __call__(self, x) -> dict:
+        """x: [n, h, w, 3] normalised → pooled features, the final feature map and each stage's output."""
+        x = self.activation(self.stem_bn(self.stem(x)))
         hidden = [x]
-        for i, stage in enumerate(self.stages):
+        for stage in self.stages:
             for block in stage:
                 x = block(x)
-            x = boundary(x, i + 1)
             hidden.append(x)
-        x = boundary(self.activation(self.head_bn(self.head(x))), len(self.stages) + 1)
+        x = self.activation(self.head_bn(self.head(x)))
         hidden.append(x)
         pooled = jnp.max(x, axis=(1, 2)) if self.config.pooling == "max" else jnp.mean(x, axis=(1, 2))
         return {"pooled": pooled, "feature_map": x, "hidden_states": tuple(hidden)}

@@ -15,5 +15,5 @@ class Pixels(nnx.Module):
     def stage_paths(self) -> list[tuple[str, ...]]:
         return []
 
-    def __call__(self, x, *, frozen_stages: int = 0) -> dict:  # x: [n, h, w, 3]
+    def __call__(self, x) -> dict:  # x: [n, h, w, 3]
         return {"pooled": x.reshape(x.shape[0], -1).astype(self.dtype), "hidden_states": ()}

@@ -14,7 +14,6 @@ from flax import nnx
 from fxjax.backbones.activations import activation
 from fxjax.backbones.convert import Rule
 
-MODEL_TYPES = ("resnet",)
 BATCH_NORM_EPS = 1e-5  # torch.nn.BatchNorm2d's default; the HF config has no field for it
 
 
@@ -88,19 +87,14 @@ class ResNet(nnx.Module):
         """Module-path prefixes of each stage, input to output: the embedder, then each stage."""
         return [("embedder",)] + [(f"stages.{i}",) for i in range(len(self.stages))]
 
-    def __call__(self, x, *, frozen_stages: int = 0) -> dict:
-        """x: [n, h, w, c] normalised. What leaves the first `frozen_stages` stages carries no gradient."""
-
-        def boundary(y, index):
-            return jax.lax.stop_gradient(y) if index < frozen_stages else y
-
+    def __call__(self, x) -> dict:
+        """x: [n, h, w, c] normalised → pooled features, the final feature map and each stage's output."""
         x = self.activation(self.embedder(x))  # [n, h/2, w/2, embedding_size]
-        x = boundary(nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), 0)  # [n, h/4, w/4, e]
+        x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # [n, h/4, w/4, e]
         hidden = [x]
-        for i, stage in enumerate(self.stages):
+        for stage in self.stages:
             for layer in stage:
                 x = layer(x)
-            x = boundary(x, i + 1)
             hidden.append(x)
         return {"pooled": jnp.mean(x, axis=(1, 2)), "feature_map": x, "hidden_states": tuple(hidden)}
 

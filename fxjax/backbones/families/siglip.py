@@ -23,8 +23,6 @@ from fxjax.backbones.transformer import (
     norm_rules,
 )
 
-MODEL_TYPES = ("siglip", "siglip_vision_model")
-
 
 def spec(config) -> TransformerSpec:
     return TransformerSpec.from_hf(vision_config(config), cls_token=False, batch_dims=False)

@@ -14,8 +14,6 @@ from flax import nnx
 from fxjax.backbones.convert import Rule
 from fxjax.backbones.transformer import TransformerSpec, VisionTransformer, block_rules, norm_rules, patch_rules
 
-MODEL_TYPES = ("vit", "deit")
-
 # HF ViT / DeiT / DINOv2 attention names (shared by `dinov2`).
 ATTENTION_NAMES = {
     r"attention\.attention\.query": "attn.query",
