@@ -1,18 +1,20 @@
 """Exports a trained run as a self-contained classifier folder (best checkpoint, classes, preprocessing).
 
-    python -m launch.export runs/quickstart exported/digits [--with-backbone]
+    fxjax export runs/quickstart exported/digits [--with-backbone]
+    python -m launch.export runs/quickstart exported/digits       # the same, from a clone
 
-Use it with `fxjax.load_classifier("exported/digits").predict(images)` or `python -m launch.predict`.
+Use it with `fxjax.load_classifier("exported/digits").predict(images)` or `fxjax predict`.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from fxjax.cli.main import command_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_parser("export", __doc__)
     parser.add_argument("workdir", help="a finished run directory")
     parser.add_argument("out", help="the classifier folder to create (must not exist yet)")
     parser.add_argument(

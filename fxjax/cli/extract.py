@@ -1,6 +1,9 @@
 """Computes a config's features for every split into the feature cache (reused by later runs).
 
-python -m launch.extract --config configs/quickstart.py [--config.a.b=value ...]
+    fxjax extract --config quickstart [--config.a.b=value ...]
+    python -m launch.extract --config configs/quickstart.py       # the same, from a clone
+
+--config takes a Python file with get_config() or a shipped config's name; --config.KEY=VALUE overrides any key.
 """
 
 from __future__ import annotations
@@ -8,11 +11,14 @@ from __future__ import annotations
 import logging
 import sys
 
-from launch.train import load_config_file, parse_args
+from fxjax.cli.config import load_config_file
+from fxjax.cli.train import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv, workdir_required=False)
+    args, overrides = parse_args(
+        sys.argv[1:] if argv is None else argv, workdir_required=False, command="extract", doc=__doc__
+    )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from fxjax import config as config_lib, parallel
     from fxjax.backbones.hub import load_backbone

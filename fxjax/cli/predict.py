@@ -1,6 +1,7 @@
 """Classifies images with an exported classifier: one line per image with its top classes.
 
-    python -m launch.predict exported/digits photo.jpg more/ [--top-k 5] [--json] [--batch-size 32]
+    fxjax predict exported/digits photo.jpg more/ [--top-k 5] [--json] [--batch-size 32]
+    python -m launch.predict exported/digits photo.jpg            # the same, from a clone
 
 Folders are searched recursively for images. An image that cannot be read is reported on its own line
 (exit status 1) and the others are still classified.
@@ -8,13 +9,13 @@ Folders are searched recursively for images. An image that cannot be read is rep
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from fxjax.cli.main import command_parser
 from fxjax.data.sources import IMAGE_EXTENSIONS, decode_rgb
 
 
@@ -47,12 +48,12 @@ def read_images(paths: list[Path]) -> tuple[dict[int, np.ndarray], dict[int, str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("classifier", help="a folder written by launch.export")
+    parser = command_parser("predict", __doc__)
+    parser.add_argument("classifier", help="a folder written by `fxjax export`")
     parser.add_argument("images", nargs="+", help="image files or folders of images")
-    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image, most probable first")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32, help="images classified per forward pass")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be positive")

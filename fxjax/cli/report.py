@@ -1,17 +1,19 @@
 """Writes a run's report.html, or compares several runs side by side.
 
-python -m launch.report runs/quickstart                       # → runs/quickstart/report.html
-python -m launch.report runs/a runs/b [--out comparison]      # → comparison/comparison.html
+fxjax report runs/quickstart                                  # → runs/quickstart/report.html
+fxjax report runs/a runs/b [--out comparison]                 # → comparison/comparison.html
+python -m launch.report runs/quickstart                       # the same, from a clone
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from fxjax.cli.main import command_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = command_parser("report", __doc__)
     parser.add_argument("workdirs", nargs="+", help="run directories; two or more are compared")
     parser.add_argument("--out", help="where a comparison is written (default: ./comparison)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -1,6 +1,10 @@
 """Trains a head on a pre-trained backbone from a config file.
 
-    python -m launch.train --config configs/quickstart.py --workdir runs/quickstart [--config.a.b=value ...]
+    fxjax train --config quickstart --workdir runs/quickstart [--config.a.b=value ...]
+    python -m launch.train --config configs/quickstart.py --workdir runs/quickstart     # the same, from a clone
+
+--config takes a Python file with get_config() or a shipped config's name (`fxjax config show quickstart`
+lists every key, its default and what it means); --config.KEY=VALUE overrides any key.
 
 Rerunning the same command on the same workdir resumes from its last checkpoint. Exit status: 0 done,
 1 training diverged (NaN/Inf loss), 2 bad input, 75 preempted by SIGTERM (checkpoint saved; rerun to resume).
@@ -14,31 +18,18 @@ needed; on a Cloud TPU pod add `--distributed` (`launch/tpu_pod.sh`); elsewhere 
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import logging
 import sys
-from pathlib import Path
+
+from fxjax.cli.config import load_config_file, split_overrides
+from fxjax.cli.main import command_parser
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM with a checkpoint saved; rerun to resume
 
 
-def load_config_file(path: str):
-    """Imports a config file and returns its get_config()."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"config file {path!r} not found")
-    spec = importlib.util.spec_from_file_location(f"fxjax_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise AttributeError(f"config file {path!r} has no get_config()")
-    return module.get_config()
-
-
-def parse_args(argv: list[str], *, workdir_required: bool = True):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="Python file with get_config()")
+def parse_args(argv: list[str], *, workdir_required: bool = True, command: str = "train", doc: str = __doc__):
+    parser = command_parser(command, doc)
+    parser.add_argument("--config", required=True, help="Python file with get_config(), or a shipped config's name")
     parser.add_argument(
         "--workdir", required=workdir_required, help="run directory (created; resumed if it has checkpoints)"
     )
@@ -49,13 +40,7 @@ def parse_args(argv: list[str], *, workdir_required: bool = True):
         "--distributed", action="store_true", help="join a multi-process run that JAX detects itself (Cloud TPU pods)"
     )
     args, rest = parser.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not item.startswith("--config.") or "=" not in item:
-            parser.error(f"unrecognised argument {item!r}; overrides look like --config.optimizer.learning_rate=0.01")
-        key, value = item[len("--config.") :].split("=", 1)
-        overrides.append((key, value))
-    return args, overrides
+    return args, split_overrides(parser, rest)
 
 
 def main(argv: list[str] | None = None) -> int:

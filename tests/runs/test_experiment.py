@@ -7,9 +7,9 @@ import stat
 import numpy as np
 import pytest
 
+from fxjax.cli import train as train_cli
 from fxjax.runs import experiment
 from fxjax.runs.checkpoint import Checkpoints
-from launch import train as train_cli
 
 QUICKSTART = "configs/quickstart.py"
 

@@ -17,12 +17,12 @@ from tiny_run import tiny_run
 import fxjax
 from fxjax.backbones import hub
 from fxjax.backbones.convert import path_str
+from fxjax.cli import export as export_cli, predict as predict_cli
 from fxjax.data.sources import load_dataset
 from fxjax.heads.engine import Classifier
 from fxjax.heads.freeze import frozen_prefixes, split_trainable
 from fxjax.heads.heads import Head
 from fxjax.runs.export import WeightHashError, _assign, _copy_backbone, _load_backbone, _restore_flat
-from launch import export as export_cli, predict as predict_cli
 
 
 @pytest.fixture(scope="module")

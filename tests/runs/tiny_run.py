@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fxjax.cli import train as train_cli
 from fxjax.runs import experiment
-from launch import train as train_cli
 
 _RUNS: dict[Path, Path] = {}  # pytest's base temp dir → the run made in it
 
