@@ -1,0 +1,1 @@
+"""One run: the experiment, its run directory, checkpoints, report and export."""
