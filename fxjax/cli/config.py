@@ -104,8 +104,11 @@ def key_comments() -> dict[str, str]:
 def describe(config: ml_collections.ConfigDict) -> list[str]:
     """Lines `key = value  # default: ...; comment` for every key of a resolved config, groups headed by theirs."""
     defaults = config_lib.default_config()
-    out = []
+    out, previous = [], ""
     for key, comment in key_comments().items():
+        if "." not in key and "." in previous:
+            out.append("")  # a top-level key after a group's keys
+        previous = key
         default = defaults
         value = config
         for part in key.split("."):
