@@ -10,6 +10,7 @@ A config is named either by a path to a Python file with get_config() or by the 
 from __future__ import annotations
 
 import ast
+import importlib.machinery
 import importlib.util
 import inspect
 import io
@@ -50,7 +51,10 @@ def find_config(name_or_path: str) -> Path:
 def load_config_file(name_or_path: str):
     """Imports a config file (or a shipped config by name) and returns its get_config()."""
     file = find_config(name_or_path)
-    spec = importlib.util.spec_from_file_location(f"fxjax_config_{file.stem}", file)
+    name = f"fxjax_config_{file.stem}"
+    # An explicit loader: a config file need not end in .py.
+    loader = importlib.machinery.SourceFileLoader(name, str(file))
+    spec = importlib.util.spec_from_file_location(name, file, loader=loader)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):

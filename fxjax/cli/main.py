@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         "diverged, 2 bad input, 75 preempted (rerun to resume).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"fxjax {fxjax.__version__}")
+    parser.add_argument("--version", action="version", version=f"fxjax {fxjax.__version__}", help="print the version")
     parser.add_argument("command", choices=COMMANDS, metavar="<command>", help="one of: " + ", ".join(COMMANDS))
     args = parser.parse_args(argv[:1])
     return importlib.import_module(COMMANDS[args.command]).main(argv[1:])
