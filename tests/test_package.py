@@ -111,20 +111,8 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs_the_quickstart_from_anywh
     assert shown.stdout.startswith(f"# {site}") and "/fxjax/configs/quickstart.py:" in shown.stdout.splitlines()[0]
     assert "num_epochs = 30  # default: 10; passes over the training split" in shown.stdout
 
-    trained = run(
-        [
-            "fxjax",
-            "train",
-            "--config",
-            "quickstart",
-            "--workdir",
-            "w",
-            "--config.num_epochs=1",
-            "--config.image_size=32",
-        ],
-        cwd=elsewhere,
-        env=env,
-    )
+    quickstart = "fxjax train --config quickstart --workdir w --config.num_epochs=1 --config.image_size=32"
+    trained = run(quickstart.split(), cwd=elsewhere, env=env, timeout=600)
     assert trained.returncode == 0, trained.stderr[-3000:]
     last = trained.stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"test_accuracy=(\S+) val_accuracy=\S+ best_step=19 .* workdir=w", last)
