@@ -3,10 +3,10 @@
 python -m launch.train --config configs/pixels_digits.py --workdir runs/pixels_digits
 """
 
-from configs import quickstart
+from fxjax.config import load_config_file
 
 
 def get_config():
-    config = quickstart.get_config()
+    config = load_config_file("quickstart")
     config.backbone = "pixels"
     return config

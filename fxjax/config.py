@@ -4,6 +4,7 @@ command-line override with a misspelled key fail loudly instead of being ignored
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 
 import ml_collections
 from ml_collections import config_dict
@@ -14,11 +15,11 @@ MODES = ("auto", "cached", "online")
 def default_config() -> ml_collections.ConfigDict:
     """Every key an experiment may set. Config files start from this; `resolve` rejects any key it lacks."""
     c = ml_collections.ConfigDict()  # every key keeps its default's type
-    c.seed = 0
+    c.seed = 0  # head initialisation, shuffling and dropout
     c.backbone = "efficientnet-lite0"  # built-in name, local Hugging Face folder or Hub repo id
-    c.revision = config_dict.placeholder(str)
+    c.revision = config_dict.placeholder(str)  # Hub branch, tag or commit; unset: the default branch
     c.dtype = "float32"  # compute dtype; bfloat16 on accelerators
-    c.param_dtype = "float32"
+    c.param_dtype = "float32"  # dtype the weights are stored in
     # Input resolution; unset: the backbone's own. Convolutional backbones and ViTs (interpolated position
     # embeddings) run at other sizes; small inputs (e.g. 8x8 digits) gain little from upscaling to 224.
     c.image_size = config_dict.placeholder(int)
@@ -32,34 +33,34 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "digits"  # digits | fashion_mnist | mnist | folder:<path> | tfds:<name>[:<version>]
-    c.data.data_dir = config_dict.placeholder(str)
-    c.data.val_fraction = 0.1
-    c.data.test_fraction = 0.2
-    c.data.split_seed = 0
-    c.data.few_shot_k = config_dict.placeholder(int)
-    c.data.augment = False
-    c.data.worker_count = 0
+    c.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir, or the folder of IDX files
+    c.data.val_fraction = 0.1  # of the training data carved out for validation where there is no val split
+    c.data.test_fraction = 0.2  # carved out for testing where the data has no test split
+    c.data.split_seed = 0  # seed of those carve-outs (fixed: runs with other seeds see the same splits)
+    c.data.few_shot_k = config_dict.placeholder(int)  # keep k training images per class; unset: all
+    c.data.augment = False  # random crops and flips of training images (needs the backbone online)
+    c.data.worker_count = 0  # grain worker processes decoding images; 0: in the main process
 
     c.head = ml_collections.ConfigDict()
     c.head.kind = "linear"  # linear | mlp
     c.head.hidden_dims = (512,)  # mlp only
-    c.head.dropout = 0.0
+    c.head.dropout = 0.0  # mlp only: on the hidden layers, training only
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"  # adamw | sgd
-    c.optimizer.learning_rate = 1e-3
+    c.optimizer.learning_rate = 1e-3  # peak, reached after warmup_steps
     c.optimizer.weight_decay = 1e-4  # applied to kernels only, never to frozen weights
     c.optimizer.momentum = 0.9  # sgd only
-    c.optimizer.warmup_steps = 0
+    c.optimizer.warmup_steps = 0  # linear warm-up from 0 to learning_rate
     c.optimizer.schedule = "cosine"  # cosine | constant
     c.optimizer.grad_clip = 1.0  # global norm; 0 disables
-    c.optimizer.label_smoothing = 0.0
+    c.optimizer.label_smoothing = 0.0  # in [0, 1)
 
     # Many linear heads at once on cached features (one vmapped pass per epoch): the grid of learning rates
     # x weight decays; the best on validation is then trained as the run's head and evaluated on test.
     c.sweep = ml_collections.ConfigDict()
-    c.sweep.learning_rates = ()
-    c.sweep.weight_decays = ()
+    c.sweep.learning_rates = ()  # e.g. (1e-3, 3e-3, 1e-2); empty: the optimizer's learning_rate
+    c.sweep.weight_decays = ()  # e.g. (0.0, 1e-4); empty: the optimizer's weight_decay
     # Feature variants swept alongside the pooled features (DINOv2 linear evaluation): "cls_last4",
     # "pooled_avgpool", "cls_last4_avgpool" (ViT-family backbones). The run's own head stays on "pooled".
     c.sweep.feature_variants = ()
@@ -67,23 +68,23 @@ def default_config() -> ml_collections.ConfigDict:
     c.probes = ()
     # Few-shot protocol on the cached features: k examples per class, several seeds, mean ± std.
     c.fewshot = ml_collections.ConfigDict()
-    c.fewshot.ks = ()
-    c.fewshot.seeds = (0, 1, 2)
+    c.fewshot.ks = ()  # e.g. (1, 5, 10); empty: no few-shot protocol
+    c.fewshot.seeds = (0, 1, 2)  # one draw of the k examples per seed
     c.fewshot.probe = "logistic"  # ridge | logistic
 
     c.batch_size = 64  # global, over all devices and hosts
-    c.eval_batch_size = 256
-    c.num_epochs = 10
-    c.eval_every_epochs = 1
-    c.log_every_steps = 10
+    c.eval_batch_size = 256  # feature extraction and evaluation; global
+    c.num_epochs = 10  # passes over the training split
+    c.eval_every_epochs = 1  # validation accuracy, which picks the best checkpoint
+    c.log_every_steps = 10  # training loss into metrics.jsonl and TensorBoard
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 2  # the last N, plus the best by validation accuracy
-    c.checkpoint.every_epochs = 1
+    c.checkpoint.every_epochs = 1  # how often a checkpoint is saved
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # -1: all devices not used by fsdp
-    c.mesh.fsdp = 1
+    c.mesh.fsdp = 1  # devices each frozen backbone tensor is sharded over; data x fsdp = all devices
     return c
 
 
@@ -185,28 +186,55 @@ def parse_value(text: str, expected: type, name: str):
     return text
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Imports a config file and returns its get_config(); an import failure names the file and line."""
+def shipped_dir() -> Path:
+    """The example configs: fxjax/configs once installed (the wheel maps configs/ there), configs/ in a clone."""
+    installed = Path(__file__).resolve().parent / "configs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.stem for p in shipped_dir().glob("*.py") if not p.name.startswith("_"))
+
+
+def find_config(name_or_path: str) -> Path:
+    """A config file: the path if it is a file, else the shipped config of that bare name (no folder, no .py)."""
+    file = Path(name_or_path)
+    if file.is_file():
+        return file
+    shipped = shipped_dir() / f"{name_or_path}.py"
+    if file.name == name_or_path and not file.suffix and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(
+        f"config file {name_or_path!r} not found; give a path to a .py file with get_config() or a shipped "
+        f"config name: {', '.join(shipped_names())}"
+    )
+
+
+def load_config_file(name_or_path: str) -> ml_collections.ConfigDict:
+    """Imports a config file (or a shipped config by name) and returns its get_config(); an import failure
+    names the file and line."""
+    import importlib.machinery
     import importlib.util
     import traceback
-    from pathlib import Path
 
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"config file {path!r} not found")
-    spec = importlib.util.spec_from_file_location(f"fxjax_config_{file.stem}", file)
+    file = find_config(name_or_path)
+    name = f"fxjax_config_{file.stem}"
+    # An explicit loader: a config file need not end in .py.
+    loader = importlib.machinery.SourceFileLoader(name, str(file))
+    spec = importlib.util.spec_from_file_location(name, file, loader=loader)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
         if not hasattr(module, "get_config"):
-            raise ValueError(f"config file {path!r} has no get_config()")
+            raise ValueError(f"config file {str(file)!r} has no get_config()")
         return module.get_config()
     except ValueError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure inside the user's file is bad input
-        frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename) == file.absolute()]
-        line = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else (frames[-1].lineno if frames else None)
-        where = f"{path}, line {line}" if line else path
+        here = file.resolve()
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).resolve() == here]
+        line = err.lineno if isinstance(err, SyntaxError) else (frames[-1].lineno if frames else None)
+        where = f"{file}, line {line}" if line else str(file)
         raise ValueError(f"config file {where}: {type(err).__name__}: {err}") from None
 
 

@@ -1,36 +1,8 @@
-"""Exports a trained run as a self-contained classifier folder (best checkpoint, classes, preprocessing).
+"""`python -m launch.export` (from a clone) is `fxjax export`: the code lives in fxjax/cli/export.py."""
 
-    python -m launch.export runs/quickstart exported/digits [--with-backbone]
-
-Use it with `fxjax.load_classifier("exported/digits").predict(images)` or `python -m launch.predict`.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("workdir", help="a finished run directory")
-    parser.add_argument("out", help="the classifier folder to create (must not exist yet)")
-    parser.add_argument(
-        "--with-backbone",
-        action="store_true",
-        help="copy the backbone's weight files too, so loading needs no download",
-    )
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from fxjax.runs.export import export
-
-    try:
-        out = export(args.workdir, args.out, with_backbone=args.with_backbone)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
-
+from fxjax.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from fxjax import config as config_lib
+from fxjax.cli import train as train_cli
 from fxjax.runs import experiment
 from fxjax.runs.checkpoint import Checkpoints
-from launch import train as train_cli
 
 QUICKSTART = "configs/quickstart.py"
 

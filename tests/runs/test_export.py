@@ -17,12 +17,12 @@ from tiny_run import tiny_run
 import fxjax
 from fxjax.backbones import hub
 from fxjax.backbones.convert import path_str
+from fxjax.cli import export as export_cli, predict as predict_cli
 from fxjax.data.sources import load_dataset
 from fxjax.heads import freeze
 from fxjax.heads.heads import Classifier, Head
 from fxjax.runs import checkpoint
 from fxjax.runs.export import WeightHashError, _assign, _copy_backbone, _load_backbone
-from launch import export as export_cli, predict as predict_cli
 
 
 @pytest.fixture(scope="module")

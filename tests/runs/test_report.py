@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 from tiny_run import tiny_run
 
+from fxjax.cli import report as report_cli
 from fxjax.runs.metrics import read_metrics
-from launch import report as report_cli
 
 FIGURES = ("curves", "confusion-matrix", "per-class-accuracy", "misclassified")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")

@@ -1,0 +1,59 @@
+"""Computes a config's features for every split into the feature cache (reused by later runs).
+
+    fxjax extract --config quickstart [--config.a.b=value ...]
+    python -m launch.extract --config configs/quickstart.py       # the same, from a clone
+
+--config takes a Python file with get_config() or a shipped config's name; --config.KEY=VALUE overrides any key.
+Multi-host as `fxjax train` (the same --coordinator_address / --num_processes / --process_id / --distributed).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from fxjax.cli.train import parse_args, start
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(
+        sys.argv[1:] if argv is None else argv, workdir_required=False, command="extract", doc=__doc__
+    )
+    primary = start(args)
+    from fxjax import config as config_lib
+    from fxjax.features import extract, store
+    from fxjax.runs.setup import Setup
+
+    try:
+        config = config_lib.load_config_file(args.config)
+        for key, value in overrides:
+            config_lib.override(config, key, value)
+        setup = Setup.from_config(config)
+        config, backbone, data = setup.config, setup.backbone, setup.data
+        variants = ("pooled", *(v for v in config.sweep.feature_variants if v != "pooled"))
+        feats, _, hits = extract.cached_features(
+            backbone,
+            data,
+            mesh=setup.mesh,
+            batch_size=config.eval_batch_size,
+            cache_dir=config.cache_dir,
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            worker_count=config.data.worker_count,
+            param_sharding=setup.param_sharding,
+            variants=variants,
+        )
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not primary:
+        return 0
+    cache = store.FeatureCache(store.cache_root(config.cache_dir))
+    for split, arrays in feats.items():
+        key = extract.fingerprint(backbone, data, split, config.dtype, config.param_dtype, tuple(arrays))
+        shapes = ", ".join(f"{name} {a.shape[0]} x {a.shape[1]}" for name, a in arrays.items())
+        print(f"{split}: {shapes} ({'cached' if hits[split] else 'extracted'}) {cache.path(key)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

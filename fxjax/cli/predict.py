@@ -1,0 +1,103 @@
+"""Classifies images with an exported classifier: one line per image with its top classes.
+
+    fxjax predict exported/digits photo.jpg more/ [--top-k 5] [--json] [--batch-size 32]
+    python -m launch.predict exported/digits photo.jpg            # the same, from a clone
+
+Folders are searched recursively for images. An image that cannot be read is reported on its own line
+(exit status 1) and the others are still classified.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from fxjax.cli.main import command_parser
+from fxjax.data.sources import IMAGE_EXTENSIONS, decode_rgb
+
+
+def expand(inputs: list[str]) -> list[Path]:
+    """Files as given, folders replaced by the images under them (sorted, hidden files skipped)."""
+    paths = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(
+                p
+                for p in item.rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS
+                and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(item).parts)
+            )
+        else:
+            paths.append(item)
+    return paths
+
+
+def read_images(paths: list[Path]) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """→ ({position: uint8 [H, W, 3]}, {position: why it could not be read})."""
+    images, errors = {}, {}
+    for i, path in enumerate(paths):
+        try:
+            images[i] = decode_rgb(str(path))
+        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for broken or foreign files
+            errors[i] = str(err) or type(err).__name__
+    return images, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = command_parser("predict", __doc__)
+    parser.add_argument("classifier", help="a folder written by `fxjax export`")
+    parser.add_argument("images", nargs="+", help="image files or folders of images")
+    parser.add_argument("--top-k", type=int, default=5, help="classes shown per image, most probable first")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
+    parser.add_argument("--batch-size", type=int, default=32, help="images classified per forward pass")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.top_k < 1 or args.batch_size < 1:
+        parser.error("--top-k and --batch-size must be positive")
+    from fxjax.runs.export import load_classifier
+
+    paths = expand(args.images)
+    if not paths:
+        print("error: no images found in " + ", ".join(args.images), file=sys.stderr)
+        return 2
+    try:
+        classifier = load_classifier(args.classifier)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    images, errors = read_images(paths)
+    order = sorted(images)
+    probs = classifier.predict([images[i] for i in order], batch_size=args.batch_size)
+    row_of = {i: row for row, i in enumerate(order)}
+    k = min(args.top_k, len(classifier.class_names))
+    results = []
+    for i, path in enumerate(paths):
+        if i in errors:
+            results.append({"path": str(path), "error": errors[i]})
+            continue
+        row = probs[row_of[i]]
+        top = np.argsort(-row, kind="stable")[:k]
+        results.append(
+            {
+                "path": str(path),
+                "predictions": [
+                    {"class": classifier.class_names[c], "index": int(c), "probability": float(row[c])} for c in top
+                ],
+            }
+        )
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']}: error: {r['error']}")
+            else:
+                print(f"{r['path']}: " + ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"]))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
