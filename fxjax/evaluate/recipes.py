@@ -120,12 +120,13 @@ def knn_scores(
 
 def _dinov2_knn(train: Split, test: Split, num_classes: int, val: Split | None, s: dict[str, Any]) -> ProtocolResult:
     ks = tuple(int(k) for k in s["ks"])
-    if s["k"] not in ks:
+    select = val is not None and s["select_k_on_val"]
+    if not select and s["k"] not in ks:
         raise ValueError(f"dinov2_knn: k={s['k']} (the reported k) must be one of ks={ks}")
     scores = knn_scores(*train, test[0], num_classes, ks, s["temperature"], s["chunk"])  # [K, m, c]
     rows = [{"k": k, **{m: v for m, v in point_metrics(scores[i], test[1]).items()}} for i, k in enumerate(ks)]
     chosen, on, note = s["k"], "fixed", "DINOv2 reports every k on the evaluation split; no selection"
-    if val is not None and s["select_k_on_val"]:
+    if select:
         val_scores = knn_scores(*train, val[0], num_classes, ks, s["temperature"], s["chunk"])
         val_top1 = [point_metrics(v, val[1])["top1"] for v in val_scores]
         for row, acc in zip(rows, val_top1):
