@@ -196,3 +196,15 @@ def test_settings_are_checked_and_results_serialise(splits, tmp_path):
     table = results.markdown_table([res])
     assert table.splitlines()[0].startswith("| backbone | dataset | protocol | chosen | top1")
     assert "| tiny | blobs | dinov2_knn | k=20 (fixed) |" in table
+
+
+def test_suite_configs_name_registered_protocols():
+    from configs.suites import clip_benchmark, offline, vtab1k
+    from fxjax.evaluate.linear_specs import LINEAR_SPECS
+
+    for module in (offline, vtab1k, clip_benchmark):
+        config = module.get_config()
+        assert set(config.protocols) <= set(recipes.PROTOCOLS) | set(LINEAR_SPECS), module.__name__
+        assert config.backbones and config.datasets
+        for name, overrides in config.overrides.items():
+            assert set(overrides) <= set(recipes.PROTOCOLS[name].defaults), (module.__name__, name)
