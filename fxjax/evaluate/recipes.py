@@ -124,7 +124,7 @@ def _dinov2_knn(train: Split, test: Split, num_classes: int, val: Split | None, 
     if not select and s["k"] not in ks:
         raise ValueError(f"dinov2_knn: k={s['k']} (the reported k) must be one of ks={ks}")
     scores = knn_scores(*train, test[0], num_classes, ks, s["temperature"], s["chunk"])  # [K, m, c]
-    rows = [{"k": k, **{m: v for m, v in point_metrics(scores[i], test[1]).items()}} for i, k in enumerate(ks)]
+    rows = [{"k": k, **point_metrics(scores[i], test[1])} for i, k in enumerate(ks)]
     chosen, on, note = s["k"], "fixed", "DINOv2 reports every k on the evaluation split; no selection"
     if select:
         val_scores = knn_scores(*train, val[0], num_classes, ks, s["temperature"], s["chunk"])
