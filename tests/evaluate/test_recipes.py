@@ -208,3 +208,15 @@ def test_suite_configs_name_registered_protocols():
         assert config.backbones and config.datasets
         for name, overrides in config.overrides.items():
             assert set(overrides) <= set(recipes.PROTOCOLS[name].defaults), (module.__name__, name)
+
+
+def test_logistic_path_keeps_the_order_of_cs(splits):
+    from fxjax.evaluate import probes
+
+    (tx, ty), _, _ = splits
+    cs = [10.0, 0.01, 1.0]
+    path = probes.logistic_path(tx, ty, 6, cs)
+    for c, fit in zip(cs, path):
+        alone = probes.logistic_fit(tx, ty, 6, C=c)
+        assert fit.objective == pytest.approx(alone.objective, rel=1e-4), c
+    assert path[1].objective > path[2].objective > path[0].objective  # more regularisation, higher objective
