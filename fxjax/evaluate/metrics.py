@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 METRICS = ("top1", "top5", "mean_per_class_recall")
-BOOTSTRAP_CHUNK = 64  # resamples per block: memory stays at [seeds, chunk, n]
+BOOTSTRAP_CHUNK = 64  # resamples per block: memory stays at [chunk, n]
 
 
 def _check(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -43,15 +43,18 @@ def _hits(scores: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _recall(correct: np.ndarray, onehot: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def _recall(correct: np.ndarray, labels: np.ndarray, num_classes: int, weights: np.ndarray) -> np.ndarray:
     """Mean per-class recall over the classes present, for each row of example weights.
 
-    correct [n] bool, onehot [n, c] of the labels, weights [b, n] (bootstrap counts, or ones) -> [b].
+    correct [n] bool, labels [n], weights [b, n] (bootstrap counts, or ones) -> [b]. Per-class sums by bincount,
+    so memory stays at [b, n] even with a thousand classes.
     """
-    total = weights @ onehot  # [b, c]
-    right = (weights * correct) @ onehot  # [b, c]
+    b = weights.shape[0]
+    flat = (np.arange(b)[:, None] * num_classes + labels[None, :]).reshape(-1)  # [b * n]: row-major class ids
+    total = np.bincount(flat, weights=weights.reshape(-1), minlength=b * num_classes).reshape(b, num_classes)
+    right = np.bincount(flat, weights=(weights * correct).reshape(-1), minlength=b * num_classes)
     present = total > 0
-    return np.where(present, right / np.maximum(total, 1), 0.0).sum(-1) / present.sum(-1)
+    return np.where(present, right.reshape(b, num_classes) / np.maximum(total, 1), 0.0).sum(-1) / present.sum(-1)
 
 
 def point_metrics(scores: Any, labels: Any) -> dict[str, float]:
@@ -59,12 +62,11 @@ def point_metrics(scores: Any, labels: Any) -> dict[str, float]:
     averaged over seeds when scores are [seeds, n, c]."""
     scores, labels = _check(scores, labels)
     hits = _hits(scores, labels)
-    onehot = np.eye(scores.shape[-1], dtype=np.float32)[labels]  # [n, c]
-    ones = np.ones((1, labels.size), np.float32)
+    ones = np.ones((1, labels.size))
     return {
         "top1": float(hits["top1"].mean()),
         "top5": float(hits["top5"].mean()) if "top5" in hits else float("nan"),
-        "mean_per_class_recall": float(np.mean([_recall(h, onehot, ones)[0] for h in hits["top1"]])),
+        "mean_per_class_recall": float(np.mean([_recall(h, labels, scores.shape[-1], ones)[0] for h in hits["top1"]])),
     }
 
 
@@ -85,17 +87,16 @@ def bootstrap_metrics(
     if num_resamples < 1 or not 0 < level < 1:
         raise ValueError(f"need num_resamples >= 1 and 0 < level < 1, got {num_resamples} and {level}")
     hits = _hits(scores, labels)
-    n = labels.size
-    onehot = np.eye(scores.shape[-1], dtype=np.float32)[labels]  # [n, c]
+    n, c = labels.size, scores.shape[-1]
     rng = np.random.default_rng(seed)
     draws = {name: [] for name in METRICS}
     for start in range(0, num_resamples, BOOTSTRAP_CHUNK):
         idx = rng.integers(0, n, (min(BOOTSTRAP_CHUNK, num_resamples - start), n))  # [b, n]
-        counts = np.stack([np.bincount(row, minlength=n) for row in idx]).astype(np.float32)  # [b, n]
+        counts = np.stack([np.bincount(row, minlength=n) for row in idx]).astype(np.float64)  # [b, n]
         for name in ("top1", "top5"):
             if name in hits:
-                draws[name].append((counts @ hits[name].T.astype(np.float32)).mean(-1) / n)  # [b]
-        draws["mean_per_class_recall"].append(np.mean([_recall(h, onehot, counts) for h in hits["top1"]], 0))
+                draws[name].append((counts @ hits[name].T.astype(np.float64)).mean(-1) / n)  # [b]
+        draws["mean_per_class_recall"].append(np.mean([_recall(h, labels, c, counts) for h in hits["top1"]], 0))
     point = point_metrics(scores, labels)
     alpha = (1 - level) / 2
     out = {}
