@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fxjax.evaluate import fewshot, probes, search
-from fxjax.evaluate.metrics import bootstrap_metrics, point_metrics
+from fxjax.evaluate.metrics import METRICS, bootstrap_metrics, point_metrics
 from fxjax.evaluate.results import ProtocolResult
 
 Split = tuple[Any, Any]  # (features [n, d], labels [n])
@@ -159,6 +159,9 @@ def _select_logistic(
 
 
 def _selection_split(train: Split, val: Split | None, s: dict[str, Any]) -> tuple[Split, Split, str]:
+    """(fit on, select on, its name): val when given, else a seeded holdout of train."""
+    if s["select_metric"] not in METRICS:
+        raise ValueError(f"select_metric={s['select_metric']!r}: choose from {', '.join(METRICS)}")
     if val is not None:
         return train, val, "val"
     fit_split, held = _holdout(train, s["holdout_fraction"], s["holdout_seed"])

@@ -175,10 +175,12 @@ def test_bigvision_fewshot_loo_selection_uses_shots_only(splits):
 
 def test_fewshot_logistic_kfold(splits):
     (tx, ty), _, (sx, sy) = splits
-    res = recipes.run("fewshot_logistic", (tx, ty), (sx, sy), 6, shots=(1, 4), seeds=(0,), Cs=(0.01, 1.0), folds=2)
+    # 2 shots, 2 folds: each fold trains on 1 shot per class, the shape of the 1-shot fit (one compile fewer).
+    res = recipes.run("fewshot_logistic", (tx, ty), (sx, sy), 6, shots=(1, 2), seeds=(0,), Cs=(0.01, 1.0), folds=2)
     assert [r["selections"][0]["on"] for r in res.rows] == ["fixed", "kfold"]
     assert res.rows[1]["selections"][0]["value"] in (0.01, 1.0)
-    assert 0.3 < res.metrics["top1@4shot"]["value"] <= 1.0
+    assert "2-fold over 12 shots" == res.rows[1]["selections"][0]["note"]
+    assert 0.25 < res.metrics["top1@2shot"]["value"] <= 1.0  # chance is 1/6
 
 
 def test_settings_are_checked_and_results_serialise(splits, tmp_path):
@@ -187,6 +189,8 @@ def test_settings_are_checked_and_results_serialise(splits, tmp_path):
         recipes.run("dinov2_knn", train, test, 6, temprature=0.1)
     with pytest.raises(ValueError, match="unknown protocol 'knn'"):
         recipes.run("knn", train, test, 6)
+    with pytest.raises(ValueError, match="select_metric='top2'"):
+        recipes.run("dinov2_logreg", train, test, 6, select_metric="top2")
     res = recipes.run("dinov2_knn", train, test, 6, ks=(5, 20), temperature=0.1)
     assert res.settings["temperature"] == 0.1 and res.settings["ks"] == (5, 20)
     res.labels = {"backbone": "tiny", "dataset": "blobs"}
