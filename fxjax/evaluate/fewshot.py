@@ -114,7 +114,7 @@ def select_ridge_loo(system: RidgeSystem, labels: Any, l2_grid: Sequence[float],
         for l2 in l2_grid
     ]
     best = max(sorted(table, key=lambda r: -r["value"]), key=lambda r: r["accuracy"])
-    return Selection(best["value"], "loo", table, f"leave-one-out over {len(labels)} shots")
+    return Selection(best["value"], "loo", table, f"leave-one-out over the {len(labels)} few-shot examples")
 
 
 def stratified_folds(labels: Any, folds: int, seed: int) -> np.ndarray:
@@ -155,4 +155,4 @@ def select_kfold(
         )
         table.append({"value": float(value), "accuracy": right / y.size})
     best = max(table, key=lambda r: r["accuracy"])
-    return Selection(best["value"], "kfold", table, f"{k}-fold over {y.size} shots")
+    return Selection(best["value"], "kfold", table, f"{k}-fold over the {y.size} few-shot examples")

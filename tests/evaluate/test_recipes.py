@@ -170,7 +170,7 @@ def test_bigvision_fewshot_loo_selection_uses_shots_only(splits):
     res = recipes.run("bigvision_fewshot", (tx, ty), (sx, sy), 6, shots=(1, 5), seeds=(0,), select="loo")
     one, five = res.rows
     assert [s["on"] for s in one["selections"]] == ["fixed"]
-    assert [s["on"] for s in five["selections"]] == ["loo"] and "30 shots" in five["selections"][0]["note"]
+    assert [s["on"] for s in five["selections"]] == ["loo"] and "30 few-shot examples" in five["selections"][0]["note"]
 
 
 def test_fewshot_logistic_kfold(splits):
@@ -179,7 +179,7 @@ def test_fewshot_logistic_kfold(splits):
     res = recipes.run("fewshot_logistic", (tx, ty), (sx, sy), 6, shots=(1, 2), seeds=(0,), Cs=(0.01, 1.0), folds=2)
     assert [r["selections"][0]["on"] for r in res.rows] == ["fixed", "kfold"]
     assert res.rows[1]["selections"][0]["value"] in (0.01, 1.0)
-    assert "2-fold over 12 shots" == res.rows[1]["selections"][0]["note"]
+    assert res.rows[1]["selections"][0]["note"] == "2-fold over the 12 few-shot examples"
     assert 0.25 < res.metrics["top1@2shot"]["value"] <= 1.0  # chance is 1/6
 
 
