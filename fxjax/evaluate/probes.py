@@ -276,6 +276,28 @@ def logistic_fit(
     return fit
 
 
+def logistic_path(
+    x: Any,
+    y: Any,
+    num_classes: int,
+    Cs: Sequence[float],  # sklearn's name
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    standardize: bool = False,
+) -> list[LogisticFit]:
+    """`logistic_fit` for every C, solved in increasing order with warm starts and one compiled solver;
+    fits come back in the order of `Cs`."""
+    x, y = _check_xy(x, y, num_classes, "train")
+    cs = np.asarray(Cs, np.float64).reshape(-1)
+    if cs.size == 0 or np.any(cs <= 0):
+        raise ValueError(f"Cs must be a non-empty list of positive numbers, got {Cs}")
+    xs, onehot, mean, std = _solver_inputs(x, y, num_classes, standardize)
+    params, fits = _zeros(x.shape[1], num_classes), {}
+    for i in np.argsort(cs, kind="stable"):
+        fits[i], params = _logistic_solve(xs, onehot, mean, std, float(cs[i]), params, max_iter, tol)
+    return [fits[i] for i in range(cs.size)]
+
+
 def logistic_probe(
     train_x: Any,
     train_y: Any,
