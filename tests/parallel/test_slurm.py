@@ -132,18 +132,46 @@ def _job_env(env: dict, devices: int) -> dict:
     }
 
 
-def test_sbatch_two_tasks_equal_one_process(slurm, tmp_path):
-    multi, single = tmp_path / "multi", tmp_path / "single"
-    # The file's #SBATCH lines are for a GPU cluster; the command line overrides them for this node.
-    sbatch = [
-        "sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none",
-        f"--output={tmp_path}/slurm-%j.out", "launch/slurm.sbatch", "configs/quickstart.py", str(multi),
-        *ARGS, f"--config.cache_dir={multi}-features",
-    ]  # fmt: skip
-    job = subprocess.Popen(sbatch, cwd=ROOT, env=_job_env(slurm, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    reference = [sys.executable, "-m", "launch.train", "--config", "configs/quickstart.py", "--workdir", str(single)]
-    reference += [*ARGS, f"--config.cache_dir={single}-features"]
-    one = subprocess.run(reference, cwd=ROOT, env=_job_env(os.environ, 4), capture_output=True, text=True)
+class _Reference:
+    """The one-process run (4 devices) both launchers must match; started at once, waited for on first use."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        command = [sys.executable, "-m", "launch.train", "--config", "configs/quickstart.py", "--workdir", str(workdir)]
+        command += [*ARGS, f"--config.cache_dir={workdir}-features"]
+        self.proc = subprocess.Popen(
+            command, cwd=ROOT, env=_job_env(os.environ, 4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.summary = None
+
+    def get(self) -> dict:
+        if self.summary is None:
+            _, err = self.proc.communicate(timeout=TIMEOUT_S)
+            assert self.proc.returncode == 0, err[-3000:]
+            self.summary = json.loads((self.workdir / "summary.json").read_text())
+        return self.summary
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, tmp_path_factory):
+    ref = _Reference(tmp_path_factory.mktemp("reference") / "single")
+    yield ref
+    if ref.proc.poll() is None:
+        ref.proc.kill()
+        ref.proc.communicate()
+
+
+def _assert_equal_runs(reference: _Reference, multi: Path) -> None:
+    env = json.loads((multi / "environment.json").read_text())
+    assert env["process_count"] == 2 and len(env["devices"]) == 4
+    a, b = reference.get(), json.loads((multi / "summary.json").read_text())
+    for key in ("test_accuracy", "val_accuracy", "best_step", "total_steps", "test_examples"):
+        assert a[key] == b[key], key
+    predictions = [np.load(w / "test_predictions.npy") for w in (reference.workdir, multi)]
+    np.testing.assert_array_equal(predictions[1], predictions[0])
+
+
+def _wait(job: subprocess.Popen, slurm: dict) -> str:
     try:
         _, err = job.communicate(timeout=TIMEOUT_S)
     finally:
@@ -151,15 +179,36 @@ def test_sbatch_two_tasks_equal_one_process(slurm, tmp_path):
             job.kill()
             job.communicate()
             subprocess.run(["scancel", "--user=root"], env=slurm)
-    logs = "".join(p.read_text()[-3000:] for p in tmp_path.glob("slurm-*.out"))
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert job.returncode == 0, f"sbatch exit {job.returncode}: {err.decode()[-1000:]}\n{logs}"
-    assert logs.count("test_accuracy=") == 1  # process 0 alone reports
+    return err
 
-    env = json.loads((multi / "environment.json").read_text())
-    assert env["process_count"] == 2 and len(env["devices"]) == 4
-    a, b = (json.loads((w / "summary.json").read_text()) for w in (single, multi))
-    for key in ("test_accuracy", "val_accuracy", "best_step", "total_steps", "test_examples"):
-        assert a[key] == b[key], key
-    predictions = [np.load(w / "test_predictions.npy") for w in (single, multi)]
-    np.testing.assert_array_equal(predictions[1], predictions[0])
+
+def test_sbatch_two_tasks_equal_one_process(slurm, reference, tmp_path):
+    multi = tmp_path / "multi"
+    # The file's #SBATCH lines are for a GPU cluster; the command line overrides them for this node.
+    sbatch = [
+        "sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none",
+        f"--output={tmp_path}/slurm-%j.out", "launch/slurm.sbatch", "configs/quickstart.py", str(multi),
+        *ARGS, f"--config.cache_dir={multi}-features",
+    ]  # fmt: skip
+    job = subprocess.Popen(sbatch, cwd=ROOT, env=_job_env(slurm, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = _wait(job, slurm).decode()
+    logs = "".join(p.read_text()[-3000:] for p in tmp_path.glob("slurm-*.out"))
+    assert job.returncode == 0, f"sbatch exit {job.returncode}: {err[-1000:]}\n{logs}"
+    assert logs.count("test_accuracy=") == 1  # process 0 alone reports
+    _assert_equal_runs(reference, multi)
+
+
+def test_submitit_two_tasks_equal_one_process(slurm, reference, tmp_path):
+    multi = tmp_path / "multi"
+    submit = [
+        sys.executable, "-m", "launch.submit", "--config", "configs/quickstart.py", "--workdir", str(multi),
+        "--logs", str(tmp_path / "logs"), "--tasks_per_node", "2", "--time_min", "20", "--wait",
+        *ARGS, f"--config.cache_dir={multi}-features",
+    ]  # fmt: skip
+    job = subprocess.Popen(
+        submit, cwd=ROOT, env=_job_env(slurm, 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    err = _wait(job, slurm)
+    logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "logs").glob("*_log.*"))  # not the pickles
+    assert job.returncode == 0, f"launch.submit exit {job.returncode}: {err[-2000:]}\n{logs}"
+    _assert_equal_runs(reference, multi)
