@@ -131,3 +131,22 @@ def test_verify_from_a_config_and_bad_input(tmp_path, capsys):
     assert verify.main(["--config", str(config), "--config.data.source=digits"]) == 2
     assert "is not a folder:<path> dataset" in capsys.readouterr().err
     assert verify.main(["--folder", str(tmp_path / "missing")]) == 2
+
+
+def test_cached_features_drop_unreadable_rows_and_their_labels(tmp_path):
+    """Features of a split with unreadable files: the masked rows leave the features and the labels alike."""
+    from fxjax.backbones.hub import load_backbone
+    from fxjax.features.extract import cached_features
+    from fxjax.parallel import make_mesh
+
+    _folder(tmp_path / "data")
+    ds = load_dataset(f"folder:{tmp_path / 'data'}", val_fraction=0.25, test_fraction=0.25)
+    backbone = load_backbone("pixels")  # 8x8 raw pixels: the features are the images themselves
+    feats, labels, _ = cached_features(
+        backbone, ds, mesh=make_mesh(), batch_size=8, cache_dir=str(tmp_path / "cache"), dtype="float32",
+        param_dtype="float32",
+    )  # fmt: skip
+    for split, source in ds.splits.items():
+        good = [int(i) for i in source.indices if source.parent.paths[int(i)] not in BAD]
+        assert feats[split]["pooled"].shape[0] == len(labels[split]) == len(good)
+        np.testing.assert_array_equal(labels[split], source.parent.labels[good])
