@@ -1,6 +1,11 @@
 """Probe speed vs scikit-learn on probe-sized features; prints a markdown table.
 
     python bench/probes.py [--n-train 10000] [--dim 1280] [--classes 10]
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/probes.py --memory [--bank-sizes ...]
+
+`--memory` reports, for kNN and the logistic solver, the memory one device needs (XLA's compiled
+memory_analysis: arguments + outputs + temporaries) against bank size, on one device and with the rows
+sharded over every device (`mesh=`). It compiles on abstract shapes, so banks of millions cost no memory here.
 
 Features are synthetic but learnable and not separable (a Gaussian mixture in a 64-d latent space, randomly
 projected to `dim` with isotropic noise), so large C does not run to max_iter on a separable problem.
@@ -15,11 +20,14 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from threadpoolctl import threadpool_limits
 
 from fxjax.evaluate import probes
+from fxjax.parallel import make_mesh
 
 
 def make_features(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -111,6 +119,62 @@ def bench_knn(splits: Splits) -> list[Row]:
     ]
 
 
+def _device_bytes(compiled: Any) -> int:
+    """What one device holds while the program runs (per partition when sharded)."""
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def _spec(shape: tuple[int, ...], dtype: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def _solver_bytes(rows: int, d: int, c: int, rows_sharding: Any, rep: Any) -> int:
+    """The L-BFGS solver over [rows, d]: one device when `rows_sharding` is None, else rows sharded."""
+    f32, sharded = jnp.float32, rows_sharding is not None
+    params = {"w": _spec((d, c), f32, rep), "b": _spec((c,), f32, rep)}
+    compiled = probes._lbfgs_solve.lower(
+        params,
+        _spec((rows, d), f32, rows_sharding),
+        _spec((rows, c), f32, rows_sharding),
+        _spec((rows,), f32, rows_sharding) if sharded else None,
+        f32(1.0),
+        jnp.int32(1),
+        f32(1e-6),
+        replicate=rep,
+    ).compile()
+    return _device_bytes(compiled)
+
+
+def bench_memory(args: argparse.Namespace) -> list[tuple[str, int, int, int, int]]:
+    """(probe, bank rows, devices, bytes on one device, bytes per device sharded) for every bank size."""
+    mesh = make_mesh()
+    devices, axes = mesh.devices.size, tuple(mesh.axis_names)
+    rows_sharding, rep = NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())
+    d, c, chunk, f32 = args.dim, args.classes, args.knn_chunk, jnp.float32
+    ks, inv_t = probes.DINOV2_KS, jnp.float32(1 / 0.07)
+    out = []
+    for n in args.bank_sizes:
+        padded = -(-n // devices) * devices
+        one = probes._knn_chunk.lower(
+            _spec((n, d), f32), _spec((n, c), f32), _spec((chunk, d), f32), num_classes=c, ks=ks, inv_t=inv_t
+        ).compile()
+        many = probes._knn_chunk_sharded.lower(
+            _spec((padded, d), f32, rows_sharding),
+            _spec((padded,), jnp.int32, rows_sharding),
+            _spec((chunk, d), f32, rep),
+            jnp.int32(n),
+            num_classes=c,
+            ks=ks,
+            inv_t=inv_t,
+            mesh=mesh,
+        ).compile()
+        out.append((f"kNN (chunk {chunk}, k up to {max(ks)})", n, devices, _device_bytes(one), _device_bytes(many)))
+        one_solver = _solver_bytes(n, d, c, None, None)
+        out.append(("logistic L-BFGS", n, devices, one_solver, _solver_bytes(padded, d, c, rows_sharding, rep)))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-train", type=int, default=10000)
@@ -125,7 +189,19 @@ def main() -> None:
         "--probes", nargs="+", choices=("logistic", "ridge", "knn"), default=["logistic", "ridge", "knn"]
     )
     parser.add_argument("--blas-threads", type=int, default=None, help="cap numpy/scipy BLAS threads (both libraries)")
+    parser.add_argument("--memory", action="store_true", help="only the memory-per-device table (see above)")
+    parser.add_argument("--bank-sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    parser.add_argument("--knn-chunk", type=int, default=1024, help="queries per kNN step")
     args = parser.parse_args()
+
+    if args.memory:
+        kind = jax.devices()[0].device_kind
+        print(f"dim={args.dim}, classes={args.classes}, devices={jax.device_count()} x {kind}\n")
+        print("| probe | bank rows | devices | MiB on one device | MiB per device, sharded |")
+        print("|---|---:|---:|---:|---:|")
+        for name, n, devices, one, many in bench_memory(args):
+            print(f"| {name} | {n:,} | {devices} | {one / 2**20:,.1f} | {many / 2**20:,.1f} |")
+        return
 
     n, m, c = args.n_train, args.n_eval, args.classes
     x, y = make_features(n + 2 * m, args.dim, c)

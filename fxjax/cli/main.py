@@ -20,6 +20,7 @@ import fxjax
 COMMANDS = {
     "train": "fxjax.cli.train",
     "extract": "fxjax.cli.extract",
+    "verify": "fxjax.cli.verify",
     "report": "fxjax.cli.report",
     "export": "fxjax.cli.export",
     "predict": "fxjax.cli.predict",

@@ -14,7 +14,7 @@ from absl import flags
 
 from fxjax.data.preprocess import PreprocessSpec, augment_image, preprocess_image
 from fxjax.data.shards import eval_batch_count, per_host_batch, shard_bounds
-from fxjax.data.sources import Source
+from fxjax.data.sources import SkipUnreadable, Source
 
 
 class _Preprocess(grain.transforms.Map):
@@ -80,7 +80,7 @@ def train_loader(
     if worker_count:
         _use_default_absl_flags()
     return grain.DataLoader(
-        data_source=source,
+        data_source=SkipUnreadable(source),  # an unreadable image is replaced by a rule of its index
         sampler=sampler,
         operations=[transform, grain.transforms.Batch(per_host, drop_remainder=True)],
         worker_count=worker_count,
@@ -102,8 +102,9 @@ class _PaddedShard:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         if index < self.stop - self.start:
             record = self.source[self.start + int(index)]
-            image = preprocess_image(record["image"], self.spec)
-            return {"x": image, "label": np.int32(record["label"]), "mask": np.True_}
+            if record.get("readable", True):  # an unreadable image is masked out like padding
+                image = preprocess_image(record["image"], self.spec)
+                return {"x": image, "label": np.int32(record["label"]), "mask": np.True_}
         height, width = self.spec.size
         return {"x": np.zeros((height, width, 3), np.float32), "label": np.int32(0), "mask": np.False_}
 
@@ -122,8 +123,9 @@ def eval_batches(
 ) -> Iterator[dict]:
     """Each example exactly once across all hosts, in order, as {"x", "label", "mask": bool [b]} batches.
 
-    The last batch is padded (mask False). Every host yields the same number of batches, all-padding ones
-    where it runs out first, because the jitted eval step is a collective that every host must enter.
+    The last batch is padded (mask False); an image that cannot be decoded is masked out the same way. Every
+    host yields the same number of batches, all-padding ones where it runs out first, because the jitted eval
+    step is a collective that every host must enter.
     """
     per_host = per_host_batch(batch_size, shard_index, shard_count)
     num_batches = eval_batch_count(len(source), per_host, shard_count)

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -91,24 +90,43 @@ class ArraySource:
 
 
 class FolderSource:
-    """Image files decoded lazily with PIL and converted to RGB; `paths` are relative to `root`."""
+    """Image files decoded lazily with PIL and converted to RGB; `paths` are relative to `root`.
 
-    def __init__(self, root: str, paths: list[str], labels: np.ndarray):
+    Nothing is decoded up front (a folder of millions of images lists in seconds), so a file that cannot be
+    decoded is found when it is read: it comes back as a 1x1 placeholder with "readable" False (every record
+    carries the flag), is logged once and recorded in `unreadable` (this process's indices). Evaluation
+    masks such records out and training replaces them (`SkipUnreadable`); both rules depend only on the
+    index, so every host and every resumed run treat the same files the same way. `known_bad` (indices a
+    `verify_folder` pass found unreadable) are flagged without being opened.
+    """
+
+    def __init__(self, root: str, paths: list[str], labels: np.ndarray, known_bad: Iterable[int] = ()):
         self.root = root
         self.paths = paths
         self.labels = np.asarray(labels, np.int32)
-        self._digest = _digest(paths)
+        self.known_bad = frozenset(int(i) for i in known_bad)
+        self.unreadable: set[int] = set()
+        self._digest = _digest(paths)  # not of known_bad: a verify pass changes no record, only the work
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        if index in self.known_bad:
+            return self._placeholder(index)
         path = os.path.join(self.root, self.paths[index])
         try:
             image = decode_rgb(path)
-        except OSError as e:  # verified at load time, so the file changed underneath us
-            raise OSError(f"could not decode {path} (it was readable when the dataset was loaded): {e}") from e
-        return {"image": image, "label": self.labels[index]}
+        except DECODE_ERRORS as e:
+            if index not in self.unreadable:
+                log.warning("unreadable image skipped: %s (%s)", path, e)
+                self.unreadable.add(index)
+            return self._placeholder(index)
+        return {"image": image, "label": self.labels[index], "readable": np.True_}
+
+    def _placeholder(self, index: int) -> dict[str, np.ndarray]:
+        return {"image": np.zeros((1, 1, 3), np.uint8), "label": self.labels[index], "readable": np.False_}
 
     def label(self, index: int) -> int:
         return int(self.labels[index])
@@ -181,12 +199,49 @@ class Subset:
         return f"Subset({self.parent!r}, n={len(self)}, indices={self._digest[:16]})"
 
 
+class SkipUnreadable:
+    """A training view of a source: an unreadable record (flag "readable" False) is replaced by the next
+    readable record of the same class after it, cyclically. The replacement is a function of the index
+    alone, so training streams stay identical across hosts and resumes, and class balance is kept."""
+
+    def __init__(self, source: Source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        record = self.source[index]
+        if record.get("readable", True):
+            return record
+        n, label = len(self.source), self.source.label(int(index))
+        for step in range(1, n):
+            j = (int(index) + step) % n
+            if self.source.label(j) == label:
+                record = self.source[j]
+                if record.get("readable", True):
+                    return record
+        raise ValueError(
+            f"every training image of class {label} is unreadable (e.g. record {index} of {self.source!r}); "
+            "run `python -m launch.verify --folder <path>` to list them"
+        )
+
+    def label(self, index: int) -> int:
+        return self.source.label(index)
+
+    def __repr__(self) -> str:
+        return f"SkipUnreadable({self.source!r})"
+
+
 def decode_rgb(path: str) -> np.ndarray:
     """Any PIL-readable file → uint8 [H, W, 3]; palette, grey and alpha images are converted."""
     with Image.open(path) as image:
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
         return np.asarray(image.convert("RGB"))
+
+
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)  # what PIL raises on bad files
 
 
 def _is_readable(path: str) -> bool:
@@ -196,7 +251,7 @@ def _is_readable(path: str) -> bool:
             image.draft("RGB", (64, 64))
             image.load()
         return True
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except DECODE_ERRORS:
         return False
 
 
@@ -388,33 +443,47 @@ def _visible(entries: Iterable[str]) -> list[str]:
 
 
 def _subdirs(path: str) -> list[str]:
-    return [d for d in _visible(os.listdir(path)) if os.path.isdir(os.path.join(path, d))]
+    with os.scandir(path) as it:
+        return _visible(e.name for e in it if e.is_dir())
 
 
-def _scan_split(root: str, split_dir: str, class_names: list[str]) -> tuple[list[str], list[int], list[str]]:
-    """(relative paths, labels, unreadable relative paths) of the images under root/split_dir/<class>/."""
-    candidates: list[tuple[str, int]] = []
+@dataclass
+class _Listing:
+    """A split's image files, found by `os.scandir` alone: names, labels, (size, mtime_ns); nothing decoded."""
+
+    paths: list[str]  # relative to the root
+    labels: list[int]
+    stats: list[tuple[int, int]]
+
+
+def _scan_split(root: str, split_dir: str, class_names: list[str]) -> _Listing:
+    """The images under root/split_dir/<class>/, in sorted order; one scandir per class, one stat per file."""
+    listing = _Listing([], [], [])
     for label, cls in enumerate(class_names):
         cls_dir = os.path.join(root, split_dir, cls)
         if not os.path.isdir(cls_dir):
             continue
-        for file in _visible(os.listdir(cls_dir)):
-            if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS:
-                candidates.append((os.path.join(split_dir, cls, file), label))
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes outside the GIL
-        readable = list(pool.map(lambda c: _is_readable(os.path.join(root, c[0])), candidates))
-    kept = [c for c, ok in zip(candidates, readable, strict=True) if ok]
-    bad = [c[0] for c, ok in zip(candidates, readable, strict=True) if not ok]
-    return [p for p, _ in kept], [lbl for _, lbl in kept], bad
+        with os.scandir(cls_dir) as it:
+            entries = sorted(
+                (
+                    e
+                    for e in it
+                    if not e.name.startswith(".")
+                    and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+                    and e.is_file()
+                ),
+                key=lambda e: e.name,
+            )
+        for entry in entries:
+            st = entry.stat()
+            listing.paths.append(os.path.join(split_dir, cls, entry.name))
+            listing.labels.append(label)
+            listing.stats.append((st.st_size, st.st_mtime_ns))
+    return listing
 
 
-def _file_identity(root: str, paths: list[str]) -> str:
-    stats = [os.stat(os.path.join(root, p)) for p in paths]
-    return _digest([(p, s.st_size, s.st_mtime_ns) for p, s in zip(paths, stats, strict=True)])
-
-
-def _load_folder(root: str, val_fraction: float, test_fraction: float, seed: int) -> _Resolved:
-    root = os.path.abspath(os.path.expanduser(root))
+def _list_folder(root: str) -> tuple[list[str], str, dict[str, _Listing]]:
+    """(class names, class folder, {split dir: listing}) of a folder dataset; split dir "" when it has none."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"folder dataset {root} does not exist")
     top = _subdirs(root)
@@ -428,23 +497,89 @@ def _load_folder(root: str, val_fraction: float, test_fraction: float, seed: int
         extra = sorted(set(_subdirs(os.path.join(root, split))) - set(class_names))
         if extra:
             raise ValueError(f"{os.path.join(root, split)} has classes missing from train/: {extra}")
+    return class_names, class_dir, {split: _scan_split(root, split, class_names) for split in present}
 
-    scanned = {split: _scan_split(root, split, class_names) for split in present}
-    bad = [p for _, _, b in scanned.values() for p in b]
-    if bad:
-        warnings.warn(f"skipped {len(bad)} unreadable image(s) in {root}: {', '.join(bad[:5])}", stacklevel=3)
-    _, train_labels, _ = scanned[present[0]]
-    counts = np.bincount(np.asarray(train_labels, np.int64), minlength=len(class_names))
+
+# ------------------------------------------------------------------------------- verified index (launch/verify)
+
+INDEX_FORMAT = 1
+
+
+def folder_index_path(root: str, cache_dir: str | None = None) -> str:
+    """Where `verify_folder` keeps a folder's index: <cache root>/folders/<sha256 of the path>.json.
+
+    The cache root follows the feature cache's rule (config.cache_dir, else $FXJAX_CACHE_DIR, else
+    $XDG_CACHE_HOME/fxjax, else ~/.cache/fxjax), so the index sits beside the features of the same data.
+    """
+    if cache_dir:
+        base = os.path.expanduser(cache_dir)
+    elif os.environ.get("FXJAX_CACHE_DIR"):
+        base = os.path.expanduser(os.environ["FXJAX_CACHE_DIR"])
+    else:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fxjax")
+    return os.path.join(base, "folders", _digest(os.path.abspath(root))[:32] + ".json")
+
+
+def verify_folder(root: str, cache_dir: str | None = None, workers: int | None = None) -> dict[str, Any]:
+    """Decode every image of a folder dataset once, in a thread pool (PIL decodes outside the GIL), and store
+    the unreadable ones with their (size, mtime_ns) in `folder_index_path`; later loads flag them without
+    opening them. Returns {"root", "index", "files", "unreadable": [relative paths]}."""
+    root = os.path.abspath(os.path.expanduser(root))
+    _, _, listings = _list_folder(root)
+    paths = [p for listing in listings.values() for p in listing.paths]
+    stats = [st for listing in listings.values() for st in listing.stats]
+    with ThreadPoolExecutor(max_workers=workers or min(32, 4 * (os.cpu_count() or 1))) as pool:
+        readable = list(pool.map(lambda p: _is_readable(os.path.join(root, p)), paths, chunksize=256))
+    bad = {p: list(st) for p, st, ok in zip(paths, stats, readable, strict=True) if not ok}
+    index = {"format": INDEX_FORMAT, "root": root, "files": len(paths), "unreadable": bad}
+    path = folder_index_path(root, cache_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(index, f, sort_keys=True)
+    os.replace(tmp, path)  # readers see the old index or the new one, never half of one
+    return {"root": root, "index": path, "files": len(paths), "unreadable": sorted(bad)}
+
+
+def _known_bad(root: str, cache_dir: str | None) -> dict[str, tuple[int, int]]:
+    """Unreadable files from a verify pass, {relative path: (size, mtime_ns)}; {} when there is none."""
+    path = folder_index_path(root, cache_dir)
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        return {}
+    if index.get("format") != INDEX_FORMAT or index.get("root") != root:
+        log.warning("ignoring %s: written for another folder or format; rerun launch.verify", path)
+        return {}
+    return {p: tuple(st) for p, st in index["unreadable"].items()}
+
+
+def _load_folder(
+    root: str, val_fraction: float, test_fraction: float, seed: int, cache_dir: str | None = None
+) -> _Resolved:
+    root = os.path.abspath(os.path.expanduser(root))
+    class_names, class_dir, listings = _list_folder(root)
+    present = list(listings)
+    counts = np.bincount(np.asarray(listings[present[0]].labels, np.int64), minlength=len(class_names))
     if (counts == 0).any():
         empty = [os.path.join(class_dir, class_names[i]) for i in np.flatnonzero(counts == 0)]
-        raise ValueError(f"class folder(s) with no readable images: {', '.join(empty)}")
+        raise ValueError(f"class folder(s) with no images: {', '.join(empty)}")
+    bad = _known_bad(root, cache_dir)  # a file changed since verify (size or mtime) is read again
 
     def source(split: str) -> tuple[FolderSource, dict]:
-        paths, labels, _ = scanned[split]
-        identity = {"source": "folder", "content": _file_identity(root, paths)}
-        return FolderSource(root, paths, np.asarray(labels)), identity
+        listing = listings[split]
+        files = [(p, *st) for p, st in zip(listing.paths, listing.stats, strict=True)]
+        identity = {"source": "folder", "content": _digest(files)}  # (path, size, mtime_ns) of every file
+        known = [i for i, (p, st) in enumerate(zip(listing.paths, listing.stats, strict=True)) if bad.get(p) == st]
+        return FolderSource(root, listing.paths, np.asarray(listing.labels), known), identity
 
     base, identity = source(present[0])
+    if bad:
+        good = np.bincount(np.delete(base.labels, sorted(base.known_bad)), minlength=len(class_names))
+        if (good == 0).any():
+            empty = [os.path.join(class_dir, class_names[i]) for i in np.flatnonzero(good == 0)]
+            raise ValueError(f"class folder(s) with no readable images (launch.verify): {', '.join(empty)}")
     to_carve = {name: f for name, f in (("val", val_fraction), ("test", test_fraction)) if name not in present}
     splits, ids = _carve(base, identity, to_carve, seed)
     for split in present[1:]:
@@ -513,11 +648,13 @@ def load_dataset(
     seed: int = 0,
     few_shot_k: int | None = None,
     few_shot_seed: int = 0,
+    cache_dir: str | None = None,
 ) -> Dataset:
     """Resolve `source` into train / val / test sources, split deterministically where the data has none.
 
     `test_fraction` applies only where the data has no test split of its own, `val_fraction` where it has no
     validation split. `few_shot_k` keeps k training examples per class; val and test are untouched.
+    `cache_dir` (config.cache_dir) is where a folder's verified index is looked up (`folder_index_path`).
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"need 0 <= val_fraction, test_fraction and a sum < 1, got {val_fraction}, {test_fraction}")
@@ -529,7 +666,7 @@ def load_dataset(
     if source in loaders:
         resolved = loaders[source]()
     elif source.startswith("folder:"):
-        resolved = _load_folder(source.removeprefix("folder:"), val_fraction, test_fraction, seed)
+        resolved = _load_folder(source.removeprefix("folder:"), val_fraction, test_fraction, seed, cache_dir)
     elif source.startswith("tfds:") and len(source) > len("tfds:"):
         resolved = _load_tfds(source.removeprefix("tfds:"), data_dir, val_fraction, test_fraction, seed)
     else:

@@ -5,6 +5,12 @@ Features are computed once by a frozen backbone, so every probe here is a pure f
 ridge solves every regularisation strength from one eigendecomposition, logistic regression reuses one
 compiled L-BFGS solver for every C with warm starts, kNN computes the neighbours once for every k.
 
+Across devices (`mesh=`): the rows are laid out over every axis of the mesh so no device holds them all. kNN
+keeps its bank sharded and merges each shard's top-k; logistic regression sums loss and gradient over the row
+shards (XLA all-reduces the sum) while the solver state stays replicated; ridge accumulates X^T X and X^T Y over
+chunks (`ridge_fit_chunks` takes an iterator, so the rows need not exist as one array). Each equals its
+one-device result: kNN exactly (same ties), logistic and ridge to float32 rounding.
+
 Selection protocol (CLIP / CLIP_benchmark): the hyper-parameter is chosen on validation accuracy only; the
 table also lists test accuracy for every row for reporting, but selection never reads it.
 """
@@ -12,16 +18,19 @@ table also lists test accuracy for every row for reporting, but selection never 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DEFAULT_LAMBDAS = tuple(2.0 ** np.arange(-10, 20))  # big_vision's few-shot grid
 DEFAULT_CS = tuple(np.logspace(-6, 6, 13))
+DINOV2_KS = (10, 20, 100, 200)  # DINOv2's kNN evaluation, at temperature 0.07
 
 
 @dataclasses.dataclass
@@ -79,6 +88,26 @@ def _select(rows: list[dict[str, float]], prefer: Literal["first", "last"]) -> d
     return rows[hits[0] if prefer == "first" else hits[-1]]
 
 
+# ---------------------------------------------------------------------------------------------- rows on a mesh
+
+
+def _row_axes(mesh: Mesh) -> tuple[str, ...]:
+    return tuple(mesh.axis_names)  # rows split over every device of the mesh
+
+
+def _shard_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """Rows zero-padded to a multiple of the mesh size, laid out over every mesh axis.
+
+    `make_array_from_callback` only asks each process for its own devices' slices, so it is multi-host safe
+    as long as every process can index `x` (a numpy array or a memory map).
+    """
+    pad = -x.shape[0] % mesh.devices.size
+    if pad:
+        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+    sharding = NamedSharding(mesh, P(_row_axes(mesh)))
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 # ---------------------------------------------------------------------------------------------- ridge
 
 
@@ -93,35 +122,98 @@ class RidgeFit(NamedTuple):
         return scores.argmax(-1)
 
 
-def ridge_fit(x: Any, y: Any, num_classes: int, lambdas: Sequence[float] = DEFAULT_LAMBDAS) -> RidgeFit:
+def _check_lambdas(lambdas: Sequence[float]) -> np.ndarray:
+    lambdas = np.asarray(lambdas, np.float64).reshape(-1)
+    if lambdas.size == 0 or np.any(lambdas <= 0):
+        raise ValueError(f"lambdas must be a non-empty list of positive numbers, got {lambdas}")
+    return lambdas
+
+
+def _ridge_from_gram(
+    gram: np.ndarray, cross: np.ndarray, x_mean: np.ndarray, t_mean: np.ndarray, lambdas: np.ndarray
+) -> RidgeFit:
+    """Every lambda's solution from the centred Gram Xc^T Xc [d, d] and cross term Xc^T Tc [d, c]."""
+    evals, evecs = np.linalg.eigh(gram)  # [d], [d, d]
+    proj = evecs.T @ cross  # [d, c]
+    scale = 1.0 / (np.maximum(evals, 0.0)[None, :] + lambdas[:, None])  # [L, d]
+    weights = evecs @ (scale[:, :, None] * proj)  # [d, d] @ [L, d, c] -> [L, d, c]
+    bias = t_mean[None, :] - x_mean @ weights  # [L, c]
+    return RidgeFit(lambdas, weights, bias)
+
+
+def ridge_fit(
+    x: Any, y: Any, num_classes: int, lambdas: Sequence[float] = DEFAULT_LAMBDAS, mesh: Mesh | None = None
+) -> RidgeFit:
     """Ridge regression onto one-hot targets for every lambda from one decomposition (big_vision few-shot).
 
     Targets are 0/1 one-hot (big_vision's ±1 targets give the same predictions: after centring they only
     scale W by 2). The bias is unpenalised: x and targets are centred with the training means. Computed in
     numpy float64: the matrices are small and the closed form is exact to the tolerance of the tests.
     Uses eigh(Xc^T Xc) when n >= d (O(n d^2 + d^3)) and the thin SVD of Xc when n < d (O(n^2 d)).
+    With `mesh`, the Gram matrix is summed over row shards on the devices (`ridge_fit_chunks`).
     """
+    if mesh is not None:
+        return ridge_fit_chunks([(x, y)], num_classes, lambdas, mesh=mesh)
     x, y = _check_xy(x, y, num_classes, "train")
-    lambdas = np.asarray(lambdas, np.float64).reshape(-1)
-    if lambdas.size == 0 or np.any(lambdas <= 0):
-        raise ValueError(f"lambdas must be a non-empty list of positive numbers, got {lambdas}")
+    lambdas = _check_lambdas(lambdas)
     x = x.astype(np.float64)
     t = np.eye(num_classes)[y]  # [n, c]
     x_mean, t_mean = x.mean(0), t.mean(0)
     xc, tc = x - x_mean, t - t_mean
     n, d = x.shape
     if n >= d:
-        evals, evecs = np.linalg.eigh(xc.T @ xc)  # [d], [d, d]
-        proj = evecs.T @ (xc.T @ tc)  # [d, c]
-        scale = 1.0 / (np.maximum(evals, 0.0)[None, :] + lambdas[:, None])  # [L, d]
-    else:
-        u, s, vt = np.linalg.svd(xc, full_matrices=False)  # [n, n], [n], [n, d]
-        evecs = vt.T  # [d, n]
-        proj = u.T @ tc  # [n, c]
-        scale = s[None, :] / (s[None, :] ** 2 + lambdas[:, None])  # [L, n]
-    weights = evecs @ (scale[:, :, None] * proj)  # [d, k] @ [L, k, c] -> [L, d, c]
+        return _ridge_from_gram(xc.T @ xc, xc.T @ tc, x_mean, t_mean, lambdas)
+    u, s, vt = np.linalg.svd(xc, full_matrices=False)  # [n, n], [n], [n, d]
+    scale = s[None, :] / (s[None, :] ** 2 + lambdas[:, None])  # [L, n]
+    weights = vt.T @ (scale[:, :, None] * (u.T @ tc))  # [d, n] @ [L, n, c] -> [L, d, c]
     bias = t_mean[None, :] - x_mean @ weights  # [L, c]
     return RidgeFit(lambdas, weights, bias)
+
+
+@jax.jit
+def _moments(x: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """sum x, sum t, X^T X, X^T T of one chunk; on row-sharded inputs XLA all-reduces each sum over the shards."""
+    hi = jax.lax.Precision.HIGHEST
+    return x.sum(0), t.sum(0), jnp.dot(x.T, x, precision=hi), jnp.dot(x.T, t, precision=hi)
+
+
+def ridge_fit_chunks(
+    chunks: Iterable[tuple[Any, Any]],
+    num_classes: int,
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    mesh: Mesh | None = None,
+) -> RidgeFit:
+    """`ridge_fit` from (features [b, d], labels [b]) chunks: only [d, d] sums are kept, never the rows.
+
+    Sums are taken about the first chunk's mean (a shift close to the mean keeps X^T X - n m m^T from
+    cancelling) and accumulated in float64. Without `mesh` each chunk's sums are numpy float64; with it
+    each chunk's rows are laid out over the mesh and summed on the devices in float32, one [d, d] all-reduce
+    per chunk, so a chunk may be larger than one device holds.
+    """
+    lambdas = _check_lambdas(lambdas)
+    n, shift, sums = 0, None, None
+    for i, (x, y) in enumerate(chunks):
+        x, y = _check_xy(x, y, num_classes, f"train chunk {i}")
+        if shift is None:
+            shift = x.mean(0, dtype=np.float64)
+        elif x.shape[1] != shift.shape[0]:
+            raise ValueError(f"train chunk {i} has {x.shape[1]} features, the first chunk had {shift.shape[0]}")
+        xs = x.astype(np.float64) - shift  # [b, d]
+        t = np.eye(num_classes)[y]  # [b, c]
+        if mesh is None:
+            part = (xs.sum(0), t.sum(0), xs.T @ xs, xs.T @ t)
+        else:  # zero padding rows add nothing to any sum
+            part = _moments(_shard_rows(xs.astype(np.float32), mesh), _shard_rows(t.astype(np.float32), mesh))
+        part = [np.asarray(p, np.float64) for p in part]
+        sums = part if sums is None else [a + b for a, b in zip(sums, part, strict=True)]
+        n += x.shape[0]
+    if not n:
+        raise ValueError("ridge_fit_chunks: the chunks hold no rows; pass at least one non-empty (x, y) chunk")
+    sum_x, sum_t, xx, xt = sums
+    m, t_mean = sum_x / n, sum_t / n  # m: mean of the shifted features
+    gram = xx - n * np.outer(m, m)  # Xc^T Xc
+    cross = xt - n * np.outer(m, t_mean)  # Xc^T Tc
+    return _ridge_from_gram(gram, cross, shift + m, t_mean, lambdas)
 
 
 def ridge_probe(
@@ -133,10 +225,11 @@ def ridge_probe(
     test_y: Any,
     num_classes: int,
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+    mesh: Mesh | None = None,
 ) -> ProbeResult:
     """Sweep every lambda in one fit; choose on val accuracy (ties: the strongest regularisation)."""
     s = _check_splits(num_classes, train=(train_x, train_y), val=(val_x, val_y), test=(test_x, test_y))
-    fit = ridge_fit(*s["train"], num_classes, lambdas)
+    fit = ridge_fit(*s["train"], num_classes, lambdas, mesh=mesh)
     preds = {name: fit.predict(x) for name, (x, _) in s.items()}  # each [L, n]
     rows = [
         {
@@ -164,31 +257,48 @@ class LogisticFit(NamedTuple):
         return (np.asarray(x) @ self.weights + self.bias).argmax(-1)
 
 
-def _objective(params: dict[str, jax.Array], x: jax.Array, onehot: jax.Array, inv_c: jax.Array) -> jax.Array:
-    """sklearn's objective over n: mean CE + ||W||^2 / (2 C n); same minimiser, intercept unpenalised."""
+def _objective(
+    params: dict[str, jax.Array], x: jax.Array, onehot: jax.Array, weight: jax.Array | None, inv_c: jax.Array
+) -> jax.Array:
+    """sklearn's objective over n: mean CE + ||W||^2 / (2 C n); same minimiser, intercept unpenalised.
+
+    `weight` [n] is 1 for real rows and 0 for the padding that makes rows divide over a mesh (None: no padding).
+    """
     logits = x @ params["w"] + params["b"]  # [n, c]
-    ce = jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.sum(logits * onehot, -1))
-    return ce + 0.5 * inv_c / x.shape[0] * jnp.sum(params["w"] ** 2)
+    ce_rows = jax.nn.logsumexp(logits, -1) - jnp.sum(logits * onehot, -1)  # [n]
+    if weight is None:
+        n, ce = x.shape[0], jnp.mean(ce_rows)
+    else:  # a sum over sharded rows: XLA sums each shard, then all-reduces
+        n = jnp.sum(weight)
+        ce = jnp.sum(weight * ce_rows) / n
+    return ce + 0.5 * inv_c / n * jnp.sum(params["w"] ** 2)
 
 
-@jax.jit
+@jax.jit(static_argnames=("replicate",))
 def _lbfgs_solve(
     params: dict[str, jax.Array],
     x: jax.Array,
     onehot: jax.Array,
+    weight: jax.Array | None,
     c: jax.Array,
     max_iter: jax.Array,
     tol: jax.Array,
+    replicate: NamedSharding | None = None,
 ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array, jax.Array]:
     """Minimise `_objective` from `params`; C, max_iter and tol are traced so one compile serves a sweep.
 
     Stops when max |grad| <= tol (scipy's criterion, as sklearn uses it), after max_iter iterations, or when
-    an iteration fails to decrease the objective at all (float32 has reached its resolution).
+    an iteration fails to decrease the objective at all (float32 has reached its resolution). `replicate`
+    (rows sharded over a mesh) pins the parameters and the whole L-BFGS state to every device, so only the
+    [n]-sized work is split and each step's loss and gradient are all-reduced.
     """
     inv_c = 1.0 / c
 
     def fun(p: dict[str, jax.Array]) -> jax.Array:
-        return _objective(p, x, onehot, inv_c)
+        return _objective(p, x, onehot, weight, inv_c)
+
+    def pin(tree: Any) -> Any:
+        return tree if replicate is None else jax.lax.with_sharding_constraint(tree, replicate)
 
     def grad_max(g: dict[str, jax.Array]) -> jax.Array:
         return optax.tree.max(jax.tree.map(jnp.abs, g))
@@ -200,7 +310,7 @@ def _lbfgs_solve(
         params, state, _, _ = carry
         value, grad = value_and_grad(params, state=state)
         updates, state = opt.update(grad, state, params, value=value, grad=grad, value_fn=fun)
-        params = optax.apply_updates(params, updates)
+        params, state = pin((optax.apply_updates(params, updates), state))
         # The linesearch stored value and gradient at the new params; the next step reuses them.
         decrease = value - optax.tree.get(state, "value")
         return params, state, decrease, grad_max(optax.tree.get(state, "grad"))
@@ -210,46 +320,61 @@ def _lbfgs_solve(
         return (optax.tree.get(state, "count") < max_iter) & (gmax > tol) & (decrease > 0)
 
     _, grad0 = jax.value_and_grad(fun)(params)
-    carry = (params, opt.init(params), jnp.asarray(jnp.inf, x.dtype), grad_max(grad0))
+    carry = (*pin((params, opt.init(params))), jnp.asarray(jnp.inf, x.dtype), grad_max(grad0))
     params, state, _, gmax = jax.lax.while_loop(keep_going, step, carry)
     return params, fun(params), optax.tree.get(state, "count"), gmax
 
 
+class _SolverInputs(NamedTuple):
+    xs: jax.Array  # [n, d] float32, standardised if asked; rows sharded (and zero-padded) on a mesh
+    onehot: jax.Array  # [n, c]
+    weight: jax.Array | None  # [n] 1 real / 0 padding on a mesh, else None
+    mean: np.ndarray  # [d] the standardisation, folded back into the returned weights
+    std: np.ndarray  # [d]
+    replicate: NamedSharding | None  # where parameters and solver state live on a mesh
+
+
 def _solver_inputs(
-    x: np.ndarray, y: np.ndarray, num_classes: int, standardize: bool
-) -> tuple[jax.Array, jax.Array, np.ndarray, np.ndarray]:
+    x: np.ndarray, y: np.ndarray, num_classes: int, standardize: bool, mesh: Mesh | None = None
+) -> _SolverInputs:
     """float32 device features (standardised with train stats if asked), one-hot targets, and the stats."""
     mean, std = np.zeros(x.shape[1]), np.ones(x.shape[1])
     if standardize:
         mean, std = x.mean(0), x.std(0)
         std = np.where(std > 0, std, 1.0)
-    xs = jnp.asarray((x - mean) / std, jnp.float32)  # [n, d]
-    return xs, jax.nn.one_hot(y, num_classes, dtype=xs.dtype), mean, std
+    if mesh is None:
+        xs = jnp.asarray((x - mean) / std, jnp.float32)  # [n, d]
+        return _SolverInputs(xs, jax.nn.one_hot(y, num_classes, dtype=xs.dtype), None, mean, std, None)
+    xs = _shard_rows(((x - mean) / std).astype(np.float32), mesh)
+    onehot = _shard_rows(np.eye(num_classes, dtype=np.float32)[y], mesh)
+    weight = _shard_rows(np.ones(x.shape[0], np.float32), mesh)
+    return _SolverInputs(xs, onehot, weight, mean, std, NamedSharding(mesh, P()))
 
 
 def _logistic_solve(
-    xs: jax.Array,
-    onehot: jax.Array,
-    mean: np.ndarray,
-    std: np.ndarray,
-    c: float,
-    init: dict[str, jax.Array],
-    max_iter: int,
-    tol: float,
+    inputs: _SolverInputs, c: float, init: dict[str, jax.Array], max_iter: int, tol: float
 ) -> tuple[LogisticFit, dict[str, jax.Array]]:
     """One solve; returns the fit on raw features and the solver-space params (to warm-start the next C)."""
-    f32 = xs.dtype
+    f32 = inputs.xs.dtype
     params, value, count, gmax = _lbfgs_solve(
-        init, xs, onehot, jnp.asarray(c, f32), jnp.asarray(max_iter), jnp.asarray(tol, f32)
+        init,
+        inputs.xs,
+        inputs.onehot,
+        inputs.weight,
+        jnp.asarray(c, f32),
+        jnp.asarray(max_iter),
+        jnp.asarray(tol, f32),
+        replicate=inputs.replicate,
     )
     # Fold the standardisation into the weights so the fit applies to raw features.
-    w = np.asarray(params["w"], np.float64) / std[:, None]  # [d, c]
-    b = np.asarray(params["b"], np.float64) - mean @ w  # [c]
+    w = np.asarray(params["w"], np.float64) / inputs.std[:, None]  # [d, c]
+    b = np.asarray(params["b"], np.float64) - inputs.mean @ w  # [c]
     return LogisticFit(w, b, float(value), int(count), float(gmax)), params
 
 
-def _zeros(d: int, c: int) -> dict[str, jax.Array]:
-    return {"w": jnp.zeros((d, c), jnp.float32), "b": jnp.zeros((c,), jnp.float32)}
+def _zeros(d: int, c: int, replicate: NamedSharding | None = None) -> dict[str, jax.Array]:
+    params = {"w": jnp.zeros((d, c), jnp.float32), "b": jnp.zeros((c,), jnp.float32)}
+    return params if replicate is None else jax.device_put(params, replicate)
 
 
 def logistic_fit(
@@ -260,19 +385,20 @@ def logistic_fit(
     max_iter: int = 1000,
     tol: float = 1e-6,
     standardize: bool = False,
+    mesh: Mesh | None = None,
 ) -> LogisticFit:
     """Multinomial logistic regression by L-BFGS, matching `sklearn LogisticRegression(C=C, solver="lbfgs")`.
 
     Minimises mean CE + ||W||^2 / (2 C n) (sklearn's sum CE + ||W||^2 / (2C) divided by n; the intercept is
     not penalised). `tol` bounds max |gradient| of that objective, as sklearn's `tol` does. `standardize`
     uses train mean/std; the penalty then acts on the standardised weights, but the returned weights are
-    folded back to apply to raw features.
+    folded back to apply to raw features. With `mesh`, rows are sharded over its devices (see `_lbfgs_solve`).
     """
     x, y = _check_xy(x, y, num_classes, "train")
     if not C > 0:
         raise ValueError(f"C must be positive, got {C}")
-    xs, onehot, mean, std = _solver_inputs(x, y, num_classes, standardize)
-    fit, _ = _logistic_solve(xs, onehot, mean, std, C, _zeros(x.shape[1], num_classes), max_iter, tol)
+    inputs = _solver_inputs(x, y, num_classes, standardize, mesh)
+    fit, _ = _logistic_solve(inputs, C, _zeros(x.shape[1], num_classes, inputs.replicate), max_iter, tol)
     return fit
 
 
@@ -310,6 +436,7 @@ def logistic_probe(
     max_iter: int = 1000,
     tol: float = 1e-6,
     standardize: bool = False,
+    mesh: Mesh | None = None,
 ) -> ProbeResult:
     """CLIP's linear-probe protocol: sweep C (log-spaced), choose on val accuracy, report test.
 
@@ -320,11 +447,11 @@ def logistic_probe(
     cs = np.sort(np.asarray(Cs, np.float64).reshape(-1))
     if cs.size == 0 or np.any(cs <= 0):
         raise ValueError(f"Cs must be a non-empty list of positive numbers, got {Cs}")
-    xs, onehot, mean, std = _solver_inputs(*s["train"], num_classes, standardize)
-    params = _zeros(xs.shape[1], num_classes)
+    inputs = _solver_inputs(*s["train"], num_classes, standardize, mesh)
+    params = _zeros(inputs.xs.shape[1], num_classes, inputs.replicate)
     rows = []
     for c in cs:
-        fit, params = _logistic_solve(xs, onehot, mean, std, float(c), params, max_iter, tol)
+        fit, params = _logistic_solve(inputs, float(c), params, max_iter, tol)
         rows.append(
             {
                 "C": float(c),
@@ -361,6 +488,45 @@ def _knn_chunk(
     return jnp.stack([cum[:, k - 1].argmax(-1) for k in ks])
 
 
+@jax.jit(static_argnames=("num_classes", "ks", "mesh"))
+def _knn_chunk_sharded(
+    bank: jax.Array,
+    bank_labels: jax.Array,
+    q: jax.Array,
+    n_bank: jax.Array,
+    num_classes: int,
+    ks: tuple[int, ...],
+    inv_t: jax.Array,
+    mesh: Mesh,
+) -> jax.Array:
+    """`_knn_chunk` over a bank sharded by rows: each shard's top-k, gathered, then one top-k over them.
+
+    Exact: every global top-k neighbour is in its shard's top-k; lax.top_k breaks ties by lower index, the
+    shards are gathered in row order, so among equal similarities the merge also prefers the lower global
+    row, as one top_k over the whole bank does. Only [chunk, devices * k] candidates cross devices.
+    """
+    axes = _row_axes(mesh)
+    kmax = max(ks)
+
+    def shard_top_k(bank: jax.Array, labels: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
+        rows = bank.shape[0]  # this shard's [rows, d]
+        sim = _normalize(q) @ bank.T  # [chunk, rows]
+        first = jax.lax.axis_index(axes) * rows  # global index of this shard's first row
+        sim = jnp.where(first + jnp.arange(rows) < n_bank, sim, -jnp.inf)  # padding rows never win
+        top_sim, top_idx = jax.lax.top_k(sim, min(kmax, rows))  # [chunk, k_local]
+        gather = functools.partial(jax.lax.all_gather, axis_name=axes, axis=1, tiled=True)
+        return gather(top_sim), gather(labels[top_idx])  # [chunk, devices * k_local] each
+
+    cand_sim, cand_labels = jax.shard_map(
+        shard_top_k, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=(P(), P()), check_vma=False
+    )(bank, bank_labels, q)
+    top_sim, pos = jax.lax.top_k(cand_sim, kmax)  # [chunk, kmax]
+    top_labels = jnp.take_along_axis(cand_labels, pos, axis=1)
+    votes = jnp.exp(top_sim * inv_t)[..., None] * jax.nn.one_hot(top_labels, num_classes, dtype=top_sim.dtype)
+    cum = jnp.cumsum(votes, axis=1)  # [chunk, kmax, c]
+    return jnp.stack([cum[:, k - 1].argmax(-1) for k in ks])
+
+
 def _knn_predict_many(
     train_x: np.ndarray,
     train_y: np.ndarray,
@@ -369,20 +535,30 @@ def _knn_predict_many(
     ks: tuple[int, ...],
     temperature: float,
     chunk: int,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     if any(k < 1 or k > train_x.shape[0] for k in ks):
         raise ValueError(f"every k must be in [1, {train_x.shape[0]}] (the train size), got {ks}")
-    tx = _normalize(jnp.asarray(train_x, jnp.float32))
-    onehot = jax.nn.one_hot(train_y, num_classes, dtype=jnp.float32)
+    inv_t = jnp.asarray(1.0 / temperature, jnp.float32)
+    if mesh is None:
+        tx = _normalize(jnp.asarray(train_x, jnp.float32))
+        onehot = jax.nn.one_hot(train_y, num_classes, dtype=jnp.float32)
+
+        def search(q: jax.Array) -> jax.Array:
+            return _knn_chunk(tx, onehot, q, num_classes, ks, inv_t)
+    else:  # the bank stays where it lies: [n / devices, d] per device
+        bank = _normalize(_shard_rows(np.asarray(train_x, np.float32), mesh))
+        labels = _shard_rows(np.asarray(train_y, np.int32), mesh)
+        n_bank = jnp.asarray(train_x.shape[0], jnp.int32)
+
+        def search(q: jax.Array) -> jax.Array:
+            return _knn_chunk_sharded(bank, labels, q, n_bank, num_classes, ks, inv_t, mesh)
+
     m = query_x.shape[0]
     chunk = max(1, min(chunk, m))
     padded = np.zeros((-(-m // chunk) * chunk, query_x.shape[1]), np.float32)  # one shape: one compile
     padded[:m] = query_x
-    inv_t = jnp.asarray(1.0 / temperature, jnp.float32)
-    preds = [
-        np.asarray(_knn_chunk(tx, onehot, jnp.asarray(padded[i : i + chunk]), num_classes, ks, inv_t))
-        for i in range(0, padded.shape[0], chunk)
-    ]
+    preds = [np.asarray(search(jnp.asarray(padded[i : i + chunk]))) for i in range(0, padded.shape[0], chunk)]
     return np.concatenate(preds, axis=1)[:, :m]  # [len(ks), m]
 
 
@@ -394,16 +570,18 @@ def knn_predict(
     k: int = 20,
     temperature: float = 0.07,
     chunk: int = 1024,
+    mesh: Mesh | None = None,
 ) -> np.ndarray:
     """DINO's weighted kNN: cosine similarity on L2-normalised features, top-k votes weighted exp(sim / T).
 
-    Queries go in chunks of `chunk` so memory stays at [chunk, n_train].
+    Queries go in chunks of `chunk` so memory stays at [chunk, n_train]; with `mesh` the bank is sharded
+    over its devices and each holds [n_train / devices, d] and [chunk, n_train / devices] similarities.
     """
     x, y = _check_xy(train_x, train_y, num_classes, "train")
     query_x = np.asarray(query_x)
     if query_x.ndim != 2 or query_x.shape[1] != x.shape[1]:
         raise ValueError(f"query features must be [m, {x.shape[1]}] like train, got {query_x.shape}")
-    return _knn_predict_many(x, y, query_x, num_classes, (int(k),), temperature, chunk)[0]
+    return _knn_predict_many(x, y, query_x, num_classes, (int(k),), temperature, chunk, mesh)[0]
 
 
 def knn_probe(
@@ -417,8 +595,10 @@ def knn_probe(
     ks: Sequence[int] = (10, 20),
     temperature: float = 0.07,
     chunk: int = 1024,
+    mesh: Mesh | None = None,
 ) -> ProbeResult:
-    """kNN accuracy for every k (DINO reports each); `best` is chosen on val, ties to the first k listed."""
+    """kNN accuracy for every k (DINO reports each; `DINOV2_KS` is DINOv2's set); `best` is chosen on val,
+    ties to the first k listed. `mesh` shards the bank (see `knn_predict`)."""
     s = _check_splits(num_classes, train=(train_x, train_y), val=(val_x, val_y), test=(test_x, test_y))
     ks = tuple(int(k) for k in ks)
     if not ks:
@@ -426,7 +606,7 @@ def knn_probe(
     acc = {
         name: [
             _accuracy(p, s[name][1])
-            for p in _knn_predict_many(*s["train"], s[name][0], num_classes, ks, temperature, chunk)
+            for p in _knn_predict_many(*s["train"], s[name][0], num_classes, ks, temperature, chunk, mesh)
         ]
         for name in ("val", "test")
     }

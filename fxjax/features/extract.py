@@ -28,6 +28,9 @@ def extract(
 ) -> dict[str, np.ndarray]:
     """Feature variants {name: [total, d_name]} in source order from padded, masked batches ({"x", "mask"}).
 
+    When the batches carry "label", the labels of the same rows come back too, as "labels" [total]: rows
+    masked out (padding, unreadable images) are dropped from both alike.
+
     The backbone state is replicated unless `param_sharding` lays it out (e.g. `sharding.fsdp_shardings`).
     The step is the backbone's own jitted forward (`Backbone._variants`) on inputs already placed on their
     shardings, so that its compilation is reused by every split instead of repeated per call.
@@ -35,17 +38,22 @@ def extract(
     sharding = parallel.batch_sharding(mesh)
     layout = parallel.replicated(mesh) if param_sharding is None else param_sharding(backbone.state, mesh)
     state = jax.device_put(backbone.state, layout)
-    parts, mask_parts = {name: [] for name in variants}, []
+    parts, mask_parts, label_parts = {name: [] for name in variants}, [], []
     with Progress(total, desc=desc, unit="img") as bar:
         for batch in batches:
             images = parallel.to_global({"x": batch["x"]}, sharding)["x"]
             for name, value in backbone._variants(state, images, tuple(variants)).items():
                 parts[name].append(parallel.gather(value))
             mask_parts.append(parallel.gather(batch["mask"]))
+            if "label" in batch:
+                label_parts.append(parallel.gather(batch["label"]))
             bar.update(int(np.sum(batch["mask"])) * jax.process_count())
     if not mask_parts:
         return {name: np.zeros((0, backbone.feature_dim), np.float32) for name in variants}
-    return {name: parallel.host_major(p, mask_parts).astype(np.float32) for name, p in parts.items()}
+    out = {name: parallel.host_major(p, mask_parts).astype(np.float32) for name, p in parts.items()}
+    if label_parts:
+        out["labels"] = parallel.host_major(label_parts, mask_parts).astype(np.int32)
+    return out
 
 
 def fingerprint(
@@ -112,7 +120,7 @@ def cached_features(
                 param_sharding=param_sharding,
                 variants=variants,
             )
-            arrays["labels"] = split_labels(source)
+            arrays.setdefault("labels", split_labels(source))  # extract's own, unless the split was empty
             if jax.process_index() == 0:
                 store.put(key, arrays)
         feats[split] = {name: arrays[name] for name in variants}

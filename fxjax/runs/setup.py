@@ -70,6 +70,7 @@ class Setup:
             test_fraction=d.test_fraction,
             seed=d.split_seed,
             few_shot_k=d.few_shot_k,
+            cache_dir=self.config.cache_dir,  # where `verify` keeps a folder's index of unreadable files
         )
 
     def record(self, run: RunDir) -> None:

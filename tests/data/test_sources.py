@@ -169,17 +169,18 @@ def test_folder_modes_corrupt_files_and_splits(tmp_path):
     (tmp_path / "dog" / "notes.txt").write_text("ignored")
     (tmp_path / ".cache").mkdir()  # hidden folders are not classes
 
-    with pytest.warns(UserWarning, match=r"skipped 2 unreadable image\(s\) in .*broken\.png.*truncated\.jpeg"):
-        ds = load_dataset(f"folder:{tmp_path}", val_fraction=0.2, test_fraction=0.2)
+    ds = load_dataset(f"folder:{tmp_path}", val_fraction=0.2, test_fraction=0.2)  # lists; decodes nothing
     assert ds.class_names == ["cat", "dog"] and ds.name == f"folder:{tmp_path}"
-    assert sum(len(s) for s in ds.splits.values()) == 16
-    paths = []
+    assert sum(len(s) for s in ds.splits.values()) == 18
+    paths, unreadable = [], []
     for split in ds.splits.values():
         for i in range(len(split)):
             example = split[i]
             assert example["image"].dtype == np.uint8 and example["image"].ndim == 3
             assert example["image"].shape[2] == 3
-            paths.append(split.parent.paths[int(split.indices[i])])
+            path = split.parent.paths[int(split.indices[i])]
+            (paths if example["readable"] else unreadable).append(path)
+    assert sorted(unreadable) == ["dog/broken.png", "dog/truncated.jpeg"]  # found when read, flagged
     assert sorted(paths) == sorted(
         [f"{c}/{i}.png" for c in ("cat", "dog") for i in range(6)]
         + ["cat/photo.JPG", "cat/grey.png", "dog/alpha.png", "dog/palette.png"]
