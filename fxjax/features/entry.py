@@ -60,7 +60,7 @@ def _write_atomic(path: epath.Path, data: bytes) -> None:
     """Writes to a temporary sibling, then renames: a reader (or a resuming writer) sees all bytes or none."""
     tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
     tmp.write_bytes(data)
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def _npy_bytes(value: np.ndarray) -> bytes:
@@ -316,6 +316,8 @@ class ShardWriter:
             if not _ARRAY_NAME.fullmatch(name):
                 raise ValueError(f"array name {name!r} must be a plain file name ([A-Za-z0-9_-], no leading dot)")
         self.directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.directory.glob(".tmp-*"):  # a killed writer's (only this host writes here)
+            leftover.unlink(missing_ok=True)
         for c in range(first_chunk):
             value = _load(self.directory / f"{names[0]}.{c:06d}.npy")
             self._rows.append(len(value))

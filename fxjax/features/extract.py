@@ -132,10 +132,11 @@ def extract(
     return out
 
 
-def chunk_rows_for(per_host_batch: int, chunk_rows: int = CHUNK_ROWS) -> int:
-    """`chunk_rows` rounded up to whole batches: a resumed run restarts at a batch boundary with the same batch
-    composition as an uninterrupted one, which is what makes its features bitwise equal."""
-    return max(1, math.ceil(chunk_rows / per_host_batch)) * per_host_batch
+def chunk_rows_for(unit: int, chunk_rows: int = CHUNK_ROWS) -> int:
+    """`chunk_rows` rounded up to whole units (per-host batches, and whole images' views): a resumed run
+    restarts at a batch boundary with the same batch composition as an uninterrupted one, which is what
+    makes its features bitwise equal."""
+    return max(1, math.ceil(chunk_rows / unit)) * unit
 
 
 def _all_min(value: int) -> int:
@@ -167,7 +168,7 @@ def extract_to_entry(
     consecutive batch rows form one stored row (K augmented views of one image → [K, d]).
     """
     host, hosts = jax.process_index(), jax.process_count()
-    chunk = chunk_rows_for(per_host, chunk_rows * rows_per_image)
+    chunk = chunk_rows_for(math.lcm(per_host, rows_per_image), chunk_rows * rows_per_image)
     per_chunk = chunk // per_host  # batches per chunk
     writer = entry.shard_writer(host, hosts, chunk // rows_per_image)
     names = (*variants, "labels")
@@ -287,6 +288,53 @@ def gather_rows(entry: ChunkedEntry) -> dict[str, np.ndarray]:
     return out
 
 
+def cached_split(
+    backbone: Backbone,
+    entry: ChunkedEntry,
+    make_batches: Callable[[int], Iterable[dict]],
+    *,
+    total: int,
+    num_batches: int,
+    per_host: int,
+    mesh,
+    desc: str,
+    variants: tuple[str, ...],
+    param_sharding: parallel.ShardingFn | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    rows_per_image: int = 1,
+    rows: str = "all",
+    shared: list | None = None,
+) -> tuple[dict, bool]:
+    """(arrays {variant..., "labels"}, hit) of one entry: read when every host holds it, else extracted
+    (resumed) into it and committed first. `shared` memoises `store_is_shared` across splits ([] or [bool])."""
+    if rows not in ("all", "host"):
+        raise ValueError(f"rows must be 'all' or 'host', got {rows!r}")
+    host, hosts = jax.process_index(), jax.process_count()
+    hit = entry.holds(host, hosts)
+    if hosts > 1:
+        hit = bool(parallel.gather(np.asarray([hit])).all())
+    if not hit:
+        extract_to_entry(
+            backbone,
+            entry,
+            make_batches,
+            total=total,
+            num_batches=num_batches,
+            per_host=per_host,
+            mesh=mesh,
+            desc=desc,
+            variants=variants,
+            param_sharding=param_sharding,
+            chunk_rows=chunk_rows,
+            rows_per_image=rows_per_image,
+        )
+        shared = [] if shared is None else shared
+        if not shared:
+            shared.append(store_is_shared(entry.path.parent))
+        commit(entry, shared[0])
+    return _read(entry, rows), hit
+
+
 def cached_features(
     backbone: Backbone,
     data,
@@ -310,51 +358,40 @@ def cached_features(
     keeps its own local cache); rows="host": this host's contiguous rows only (`shard_bounds`), for head
     training. Every host computes when any host misses, since extraction is a collective step.
     """
-    if rows not in ("all", "host"):
-        raise ValueError(f"rows must be 'all' or 'host', got {rows!r}")
     variants = ("pooled", *(v for v in variants if v != "pooled"))
-    root = cache.cache_root(cache_dir)
+    root = cache.as_path(cache.cache_root(cache_dir))
     host, hosts = jax.process_index(), jax.process_count()
-    shared = None
+    per_host, shared = batch_size // hosts, []
     feats, labels, hits = {}, {}, {}
     for split, source in data.splits.items():
         key = fingerprint(backbone, data, split, dtype, param_dtype, variants)
-        entry = ChunkedEntry(cache.as_path(root) / cache.fingerprint_key(key), key)
-        hit = entry.holds(host, hosts)
-        if hosts > 1:
-            hit = bool(parallel.gather(np.asarray([hit])).all())
-        hits[split] = hit
-        if not hit:
-            per_host = batch_size // hosts
-            num_batches = math.ceil(math.ceil(len(source) / hosts) / per_host)
 
-            def make_batches(start_batch, source=source):
-                return pipeline.eval_batches(
-                    source,
-                    backbone.preprocess,
-                    batch_size=batch_size,
-                    worker_count=worker_count,
-                    shard_index=host,
-                    shard_count=hosts,
-                    start_batch=start_batch,
-                )
-
-            extract_to_entry(
-                backbone,
-                entry,
-                make_batches,
-                total=len(source),
-                num_batches=num_batches,
-                per_host=per_host,
-                mesh=mesh,
-                desc=f"features[{split}]",
-                variants=variants,
-                param_sharding=param_sharding,
-                chunk_rows=chunk_rows,
+        def make_batches(start_batch, source=source):
+            return pipeline.eval_batches(
+                source,
+                backbone.preprocess,
+                batch_size=batch_size,
+                worker_count=worker_count,
+                shard_index=host,
+                shard_count=hosts,
+                start_batch=start_batch,
             )
-            shared = store_is_shared(root) if shared is None else shared
-            commit(entry, shared)
-        arrays = _read(entry, rows)
+
+        arrays, hits[split] = cached_split(
+            backbone,
+            ChunkedEntry(root / cache.fingerprint_key(key), key),
+            make_batches,
+            total=len(source),
+            num_batches=math.ceil(math.ceil(len(source) / hosts) / per_host),
+            per_host=per_host,
+            mesh=mesh,
+            desc=f"features[{split}]",
+            variants=variants,
+            param_sharding=param_sharding,
+            chunk_rows=chunk_rows,
+            rows=rows,
+            shared=shared,
+        )
         feats[split] = {name: arrays[name] for name in variants}
         labels[split] = np.asarray(arrays["labels"])
     return feats, labels, hits
