@@ -29,9 +29,16 @@ class Progress:
     """images/s and the ETA of the whole split over all hosts: tqdm on a terminal, else one line every
     `every_s` seconds (logs stay short). Only process 0 shows it."""
 
-    def __init__(self, total: int, desc: str, done: int = 0, every_s: float = LOG_EVERY_S):
-        self.total, self.desc, self.done, self.every_s = total, desc, done, every_s
-        self.start = self.last = time.perf_counter()
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        done: int = 0,
+        every_s: float = LOG_EVERY_S,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.total, self.desc, self.done, self.every_s, self.clock = total, desc, done, every_s, clock
+        self.start = self.last = clock()
         self.first = done
         show, terminal = jax.process_index() == 0, sys.stderr.isatty()
         self.bar = tqdm(
@@ -47,7 +54,7 @@ class Progress:
 
     def update(self, images: int) -> None:
         self.done += images
-        now = time.perf_counter()
+        now = self.clock()
         rate = (self.done - self.first) / max(now - self.start, 1e-9)
         self.bar.update(images)
         self.bar.set_postfix(img_s=f"{rate:.0f}", refresh=False)
@@ -202,6 +209,8 @@ def extract_to_entry(
 
 
 def _flush(writer, buffer: dict[str, list], rows_per_image: int) -> None:
+    if not buffer["labels"]:
+        return
     arrays = {name: np.concatenate(parts) for name, parts in buffer.items()}
     for parts in buffer.values():
         parts.clear()
