@@ -129,6 +129,9 @@ class ChunkedArray:
         value = self.rows(0, len(self))
         return value if dtype is None else value.astype(dtype)
 
+    def astype(self, dtype) -> np.ndarray:
+        return self.__array__(dtype)
+
     def iter_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, rows) of each chunk in order."""
         for c in range(len(self.files)):
