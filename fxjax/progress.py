@@ -26,14 +26,28 @@ def _format_seconds(seconds: float) -> str:
 class Progress:
     """`with Progress(total, desc=..., unit=...) as p: p.update(n, loss=...)`."""
 
-    def __init__(self, total: int, *, desc: str, unit: str, initial: int = 0, stream=None):
+    def __init__(
+        self,
+        total: int,
+        *,
+        desc: str,
+        unit: str,
+        initial: int = 0,
+        stream=None,
+        every: float | None = None,
+        clock=time.perf_counter,
+    ):
         self.total, self.desc, self.unit = total, desc, unit
         self.count = self.start_count = initial
         self.stream = stream or sys.stderr
         self.enabled = jax.process_index() == 0
         self.interactive = self.enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.every = float(os.environ.get("FXJAX_PROGRESS_SECONDS", _DEFAULT_LOG_SECONDS))
-        self.started = self.last = time.perf_counter()
+        self.every = (
+            every if every is not None else float(os.environ.get("FXJAX_PROGRESS_SECONDS", _DEFAULT_LOG_SECONDS))
+        )
+        self.clock = clock
+        self.started = self.last = clock()
+        self.last_reading = self.started
         self.values: dict[str, str] = {}
         self.bar = None
         if self.interactive:
@@ -46,21 +60,22 @@ class Progress:
 
     @property
     def rate(self) -> float:
-        elapsed = time.perf_counter() - self.started
+        elapsed = self.last_reading - self.started
         return (self.count - self.start_count) / elapsed if elapsed > 0 else 0.0
 
     def update(self, n: int = 1, **values) -> None:
         self.count += n
+        self.last_reading = now = self.clock()
         self.values.update({k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in values.items()})
         if self.bar is not None:
             self.bar.update(n)
             if values:
                 self.bar.set_postfix(self.values, refresh=False)  # drawn with the next refresh, not every step
-        elif self.enabled and time.perf_counter() - self.last >= self.every:
+        elif self.enabled and now - self.last >= self.every:
             self._line()
 
     def _line(self) -> None:
-        self.last = time.perf_counter()
+        self.last = self.last_reading
         rate = self.rate
         eta = _format_seconds((self.total - self.count) / rate) if rate > 0 else "?"
         extra = "".join(f" {k}={v}" for k, v in self.values.items())
@@ -70,8 +85,12 @@ class Progress:
             flush=True,
         )
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
+        """Closes the bar; in a log, a last line unless the latest one already said it all."""
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled and self.count > self.start_count:
+        elif self.enabled and self.count > self.start_count and self.last != self.last_reading:
             self._line()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -120,21 +120,23 @@ def eval_batches(
     shard_index: int = 0,
     shard_count: int = 1,
     worker_count: int = 0,
+    start_batch: int = 0,
 ) -> Iterator[dict]:
     """Each example exactly once across all hosts, in order, as {"x", "label", "mask": bool [b]} batches.
 
     The last batch is padded (mask False); an image that cannot be decoded is masked out the same way. Every
     host yields the same number of batches, all-padding ones where it runs out first, because the jitted eval
-    step is a collective that every host must enter.
+    step is a collective that every host must enter. `start_batch` skips that many batches on every host (a
+    resumed extraction).
     """
     per_host = per_host_batch(batch_size, shard_index, shard_count)
-    num_batches = eval_batch_count(len(source), per_host, shard_count)
-    if num_batches == 0:
+    num_batches = eval_batch_count(len(source), per_host, shard_count) - start_batch
+    if num_batches <= 0:
         return iter(())
     start, stop = shard_bounds(len(source), shard_index, shard_count)
     if worker_count:
         _use_default_absl_flags()
-    padded = _PaddedShard(source, spec, start, stop, num_batches * per_host)
+    padded = _PaddedShard(source, spec, start + start_batch * per_host, stop, num_batches * per_host)
     loader = grain.DataLoader(
         data_source=padded,
         sampler=grain.samplers.SequentialSampler(len(padded), grain.sharding.NoSharding()),

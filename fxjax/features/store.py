@@ -5,6 +5,9 @@ An entry is a directory `<root>/<key>` holding one `.npy` per array and a `meta.
 sha256 of the fingerprint (everything that changes the features). Entries are written into a temporary
 sibling directory, fsynced and renamed into place, so a reader sees a whole entry or none; an entry that
 does not match its `meta.json` (a truncated file, a disk error) is reported and treated as absent.
+
+Extraction does not use these whole-array entries: it streams each host's rows chunk by chunk into a
+`fxjax.features.entry.ChunkedEntry` under the same root and key scheme (on any etils.epath path).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 FORMAT = 1  # bump when the entry layout changes
 STALE_SECONDS = 3600.0  # a temporary directory this old belongs to a writer that died
@@ -28,14 +32,21 @@ _TMP_PREFIX = ".tmp-"
 _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-def cache_root(cache_dir: str | None = None) -> Path:
-    """config.cache_dir, else $FXJAX_CACHE_DIR, else $XDG_CACHE_HOME/fxjax, else ~/.cache/fxjax."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    if os.environ.get("FXJAX_CACHE_DIR"):
-        return Path(os.environ["FXJAX_CACHE_DIR"]).expanduser()
+def cache_root(cache_dir: str | None = None) -> Path | epath.Path:
+    """config.cache_dir, else $FXJAX_CACHE_DIR, else $XDG_CACHE_HOME/fxjax, else ~/.cache/fxjax. A URL
+    (gs://, s3://) stays one: streamed entries (`fxjax.features.entry`) live on any path etils.epath handles."""
+    chosen = cache_dir or os.environ.get("FXJAX_CACHE_DIR")
+    if chosen and "://" in chosen:
+        return epath.Path(chosen)
+    if chosen:
+        return Path(chosen).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "fxjax"
+
+
+def as_path(root: str | os.PathLike) -> epath.Path:
+    """A cache root as an etils.epath path (local, NFS, gs://, s3://)."""
+    return epath.Path(root)
 
 
 def fingerprint_key(fingerprint: dict) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fxjax.features.entry import ChunkedEntry
 from fxjax.features.store import FeatureCache, cache_root, fingerprint_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -235,3 +236,70 @@ def test_root_resolution_order(monkeypatch, tmp_path):
     monkeypatch.setenv("FXJAX_CACHE_DIR", str(tmp_path / "env"))
     assert cache_root(None) == tmp_path / "env"
     assert cache_root(str(tmp_path / "config")) == tmp_path / "config"
+
+
+# ------------------------------------------------------------------ streamed, chunked entries (fxjax.features.entry)
+
+
+def _write_shards(entry: ChunkedEntry, hosts: int, rows: int, chunk_rows: int) -> dict[str, np.ndarray]:
+    """Every host's shard of a [rows, 4] array written chunk by chunk; → the whole arrays in source order."""
+    rng = np.random.default_rng(0)
+    full = {"pooled": rng.normal(size=(rows, 4)).astype(np.float32), "labels": np.arange(rows, dtype=np.int32)}
+    for host in range(hosts):
+        start, stop = rows * host // hosts, rows * (host + 1) // hosts
+        writer = entry.shard_writer(host, hosts, chunk_rows)
+        writer.start(0, list(full))
+        for a in range(start, stop, chunk_rows):
+            writer.append({name: value[a : min(a + chunk_rows, stop)] for name, value in full.items()})
+        writer.finish()
+    return full
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_chunked_entry_round_trips_and_is_invisible_until_committed(tmp_path, gcs, where):
+    root = {"local": str(tmp_path), "gs": gcs}[where]
+    entry = ChunkedEntry(f"{root}/{fingerprint_key(BASE)}", BASE)
+    full = _write_shards(entry, hosts=2, rows=53, chunk_rows=8)
+    assert entry.manifest() is None and not entry.holds(0, 2)  # shards finished, entry not committed
+    with pytest.raises(FileNotFoundError, match="not committed"):
+        entry.arrays()
+    entry.commit(2, [0, 1])
+    assert entry.holds(0, 2) and entry.holds(0, 3)  # all rows: any host count can read its share
+    arrays = entry.arrays()
+    for name, value in full.items():
+        np.testing.assert_array_equal(np.asarray(arrays[name]), value)
+    index = np.random.default_rng(1).permutation(53)[:20]
+    np.testing.assert_array_equal(arrays["pooled"][index], full["pooled"][index])
+    np.testing.assert_array_equal(arrays["pooled"][5:30], full["pooled"][5:30])
+    np.testing.assert_array_equal(arrays["pooled"][-1], full["pooled"][-1])
+    np.testing.assert_array_equal(entry.rows(10, 40)["labels"], full["labels"][10:40])
+    starts = [start for start, _ in entry.iter_chunks()]
+    np.testing.assert_array_equal(np.concatenate([c["pooled"] for _, c in entry.iter_chunks()]), full["pooled"])
+    assert starts == [0, 8, 16, 24, 26, 34, 42, 50]  # host 0's rows 0..25, then host 1's 26..52
+    for host, hosts in [(1, 2), (2, 3)]:  # its own shard, or a slice of all rows for another host count
+        mine = entry.host_rows(host, hosts)["labels"]
+        np.testing.assert_array_equal(np.asarray(mine), np.arange(53 * host // hosts, 53 * (host + 1) // hosts))
+
+
+def test_per_host_entry_holds_its_own_shard_only(tmp_path):
+    entry = ChunkedEntry(tmp_path / "k", BASE)
+    full = _write_shards(entry, hosts=2, rows=20, chunk_rows=4)
+    entry.commit(2, [1])  # host 1's local disk
+    assert entry.holds(1, 2) and not entry.holds(0, 2) and not entry.holds(1, 3)
+    np.testing.assert_array_equal(np.asarray(entry.host_rows(1, 2)["pooled"]), full["pooled"][10:])
+    with pytest.raises(ValueError, match="per-host"):
+        entry.arrays()
+
+
+def test_damaged_manifest_or_chunk_is_reported(tmp_path):
+    entry = ChunkedEntry(tmp_path / "k", BASE)
+    _write_shards(entry, hosts=1, rows=20, chunk_rows=8)
+    entry.commit(1, [0])
+    with pytest.warns(RuntimeWarning, match="another fingerprint"):
+        assert ChunkedEntry(tmp_path / "k", {**BASE, "split": "val"}).manifest() is None
+    np.save(tmp_path / "k" / "0of1" / "pooled.000001.npy", np.zeros((7, 4), np.float32))  # a wrong chunk
+    with pytest.raises(OSError, match="pooled.000001.npy"):
+        np.asarray(entry.arrays()["pooled"])
+    (tmp_path / "k" / "manifest.json").write_text("{")
+    with pytest.warns(RuntimeWarning, match="unusable"):
+        assert entry.manifest() is None

@@ -1,0 +1,171 @@
+"""Augmented views extracted once: K seeded random-resized-crop + flip views of every training image go into
+the feature cache, so a head trained with augmentation runs on cached features, one view per image per epoch.
+
+View k of image i is exactly what the online pipeline (`images._Augment`, the same `augment_image`) gives that
+image in the k-th epoch of an unshuffled grain stream under the same seed: grain hands record position p the
+rng Philox(key=seed + p), and image i sits at position k * n + i in epoch k.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import grain
+import jax
+import numpy as np
+
+from fxjax import parallel
+from fxjax.backbones.backbone import Backbone
+from fxjax.data.images import shard_bounds
+from fxjax.data.preprocess import PreprocessSpec, augment_image
+from fxjax.data.sources import Source
+from fxjax.features import extract as extraction, store as cache
+from fxjax.features.entry import ChunkedEntry
+
+
+def view_rng(seed: int, view: int, index: int, num_images: int) -> np.random.Generator:
+    """The rng grain's sampler gives image `index` in epoch `view` of an unshuffled stream of `num_images`."""
+    return np.random.Generator(np.random.Philox(key=seed + view * num_images + index))
+
+
+class _ViewShard:
+    """One host's images [start, stop) × `views` views, image-major (row j: image start + j // views, view
+    j % views), augmented, padded with masked blanks to `length` rows."""
+
+    def __init__(self, source: Source, spec: PreprocessSpec, views: int, seed: int, start: int, stop: int, length: int):
+        self.source, self.spec, self.views, self.seed = source, spec, views, seed
+        self.start, self.stop, self.length = start, stop, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, row: int) -> dict[str, np.ndarray]:
+        image, view = divmod(int(row), self.views)
+        if image < self.stop - self.start:
+            index = self.start + image
+            record = self.source[index]
+            rng = view_rng(self.seed, view, index, len(self.source))
+            pixels = augment_image(record["image"], self.spec, rng)
+            return {"image": pixels, "label": np.int32(record["label"]), "mask": np.True_}
+        height, width = self.spec.size
+        return {"image": np.zeros((height, width, 3), np.float32), "label": np.int32(0), "mask": np.False_}
+
+    def __repr__(self) -> str:
+        return f"_ViewShard({self.source!r}, {self.start}:{self.stop}, views={self.views}, seed={self.seed})"
+
+
+def view_batches(
+    source: Source,
+    spec: PreprocessSpec,
+    *,
+    views: int,
+    seed: int,
+    batch_size: int,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    worker_count: int = 0,
+    start_batch: int = 0,
+) -> Iterator[dict]:
+    """This host's images' views as padded {"image", "label", "mask"} batches (views of an image adjacent),
+    the same number of batches on every host, from `start_batch` on."""
+    per_host = batch_size // shard_count
+    num_batches = math.ceil(math.ceil(len(source) / shard_count) * views / per_host) - start_batch
+    if num_batches <= 0:
+        return iter(())
+    start, stop = shard_bounds(len(source), shard_index, shard_count)
+    offset = start_batch * per_host  # rows already extracted; a whole number of images (chunk boundary)
+    rows = _ViewShard(source, spec, views, seed, start + offset // views, stop, num_batches * per_host)
+    loader = grain.DataLoader(
+        data_source=rows,
+        sampler=grain.samplers.SequentialSampler(len(rows), grain.sharding.NoSharding()),
+        operations=[grain.transforms.Batch(per_host, drop_remainder=False)],
+        worker_count=worker_count,
+        shard_options=grain.sharding.NoSharding(),
+    )
+    return iter(loader)
+
+
+def cached_views(
+    backbone: Backbone,
+    data,
+    *,
+    views: int,
+    seed: int,
+    mesh,
+    batch_size: int,
+    cache_dir: str | None,
+    dtype: str,
+    param_dtype: str,
+    split: str = "train",
+    worker_count: int = 0,
+    param_sharding: parallel.ShardingFn | None = None,
+    variants: tuple[str, ...] = ("pooled",),
+    chunk_rows: int = extraction.CHUNK_ROWS,
+    rows: str = "all",
+) -> tuple[dict, np.ndarray, bool]:
+    """({variant: [n, views, d]}, labels [n], hit): `views` augmented views of every image of `split`, from
+    the feature cache or extracted once into it (streamed, sharded and resumable like `cached_features`)."""
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    source = data.splits[split]
+    host, hosts = jax.process_index(), jax.process_count()
+    per_host = batch_size // hosts
+    key = {
+        **extraction.fingerprint(backbone, data, split, dtype, param_dtype, variants),
+        "augment": {"views": views, "seed": seed, "recipe": "random_resized_crop+flip"},
+    }
+    root = cache.as_path(cache.cache_root(cache_dir))
+
+    def make_batches(start_batch):
+        return view_batches(
+            source,
+            backbone.preprocess,
+            views=views,
+            seed=seed,
+            batch_size=batch_size,
+            shard_index=host,
+            shard_count=hosts,
+            worker_count=worker_count,
+            start_batch=start_batch,
+        )
+
+    arrays, hit = extraction.cached_split(
+        backbone,
+        ChunkedEntry(root / cache.fingerprint_key(key), key),
+        make_batches,
+        total=len(source),
+        num_batches=math.ceil(math.ceil(len(source) / hosts) * views / per_host),
+        per_host=per_host,
+        mesh=mesh,
+        desc=f"views[{split}]x{views}",
+        variants=tuple(variants),
+        param_sharding=param_sharding,
+        chunk_rows=chunk_rows,
+        rows_per_image=views,
+        rows=rows,
+    )
+    return {name: arrays[name] for name in variants}, np.asarray(arrays["labels"]), hit
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread uint64 hash of each element."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def epoch_views(epoch: int, examples, views: int, seed: int) -> np.ndarray:
+    """The cached view each example trains on in `epoch` (int64, shaped like `examples`): a seeded per-example
+    offset plus the epoch, so every image cycles through all its views once per `views` epochs, out of step
+    with the others."""
+    examples = np.asarray(examples, np.uint64)
+    with np.errstate(over="ignore"):
+        offset = _mix(examples + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)) % np.uint64(views)
+    return ((offset.astype(np.int64) + epoch) % views).astype(np.int64)
+
+
+def view_for(epoch: int, example: int, views: int, seed: int) -> int:
+    """`epoch_views` for one example."""
+    return int(epoch_views(epoch, [example], views, seed)[0])
