@@ -142,7 +142,7 @@ def test_mismatched_checkpoint_lists_every_problem(tmp_path):
     model_args = dict(TINY_RESNET)
     model = _randomise(timm.create_model("resnet50d", pretrained=False, stem_width=8, **model_args))
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    tensors["layer2.0.conv2.weight"] = tensors["layer2.0.conv2.weight"][:, :-1]  # one input channel short
+    tensors["layer2.0.conv2.weight"] = tensors["layer2.0.conv2.weight"][:, :-1].contiguous()  # one input channel short
     del tensors["layer3.0.bn1.running_var"]
     tensors["layer3.0.se.fc.weight"] = torch.zeros(2, 2)  # an SE-ResNet tensor this architecture lacks
     file = tmp_path / "model.safetensors"
