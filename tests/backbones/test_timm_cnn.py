@@ -63,7 +63,7 @@ def _nhwc(t) -> np.ndarray:
 
 def _check(model, module, x: np.ndarray, stage, hidden_index: int) -> None:
     """Pooled features and `stage(model, x)` (a stage's output, NCHW) against `hidden_states[hidden_index]`."""
-    ours = module(jnp.asarray(x.transpose(0, 2, 3, 1)))
+    ours = nnx.jit(lambda m, v: m(v))(module, jnp.asarray(x.transpose(0, 2, 3, 1)))  # one compile, not one per op
     with torch.inference_mode():
         xt = torch.from_numpy(x)
         pooled = model.forward_head(model.forward_features(xt), pre_logits=True).numpy()
@@ -170,22 +170,15 @@ def test_unsupported_architecture_and_arguments_are_named():
 
 # One architecture per table row kind, full size: names and shapes only (meta device, abstract module).
 TABLE_SAMPLE = [
-    "convnext_atto",
     "convnext_large_mlp",
     "convnext_xxlarge",
     "convnextv2_nano",
-    "convnextv2_huge",
-    "resnet18d",
     "resnet26t",
     "resnet50s",
-    "resnet101c",
     "resnext50d_32x4d",
-    "resnext101_64x4d",
     "wide_resnet50_2",
-    "efficientnet_b3",
-    "tf_efficientnet_b5",
+    "tf_efficientnet_b3",
     "efficientnet_lite2",
-    "tf_efficientnet_lite4",
 ]
 
 
