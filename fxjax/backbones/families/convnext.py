@@ -38,8 +38,9 @@ class GlobalResponseNorm(nnx.Module):
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x):  # [n, h, w, dim]
-        norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(1, 2), keepdims=True))  # [n, 1, 1, dim]
-        norm = norm / (jnp.mean(norm, axis=-1, keepdims=True) + self.eps)
+        # The norms sum h·w squares: in float32 whatever the compute dtype (bfloat16 would lose the small ones).
+        norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2), keepdims=True))  # [n, 1, 1, dim]
+        norm = (norm / (jnp.mean(norm, axis=-1, keepdims=True) + self.eps)).astype(self.dtype)
         scale, bias = self.scale[...].astype(self.dtype), self.bias[...].astype(self.dtype)
         return x + scale * (x * norm) + bias
 
