@@ -1,13 +1,15 @@
 """Feature-extraction speed of fxjax vs transformers' PyTorch models on the same weights; prints markdown.
 
-    python bench/extract.py [--models vit-b16 resnet50 efficientnet-b0 dinov2-s] [--batch 32] [--iters 5]
+    python bench/extract.py [--models vit-b16 resnet50 efficientnet-b0 dinov2-s convnextv2-t] [--batch 32] [--iters 5]
         [--dtype float32|bfloat16]
 
 Each model is built in PyTorch from a default-sized transformers config, saved with `save_pretrained` and
-loaded by `fxjax.load_backbone`, so both sides run the same weights. PyTorch runs under
-`torch.inference_mode()` with its default thread count; fxjax runs the jitted `Backbone.features` after a
-warm-up call; its compile time (lower + compile, ahead of time) is reported on its own. Times are medians over
-`--iters` batches, the two frameworks alternating batch by batch (`block_until_ready` on the JAX side).
+loaded by `fxjax.load_backbone`, so both sides run the same weights; a timm row (`convnextv2-t`) builds timm's
+model, saves its state dict as safetensors and loads it through `fxjax.backbones.checkpoints.timm_cnn`.
+PyTorch runs under `torch.inference_mode()` with its default thread count; fxjax runs the jitted
+`Backbone.features` after a warm-up call; its compile time (lower + compile, ahead of time) is reported on its
+own. Times are medians over `--iters` batches, the two frameworks alternating batch by batch (`block_until_ready`
+on the JAX side).
 
 The machine's fp32 matmul throughput (2048³, jitted jnp.matmul; numpy and torch for comparison) is measured in
 the same run; for each model, FLOPs utilisation = model FLOP/s ÷ jnp.matmul FLOP/s, with model FLOPs counted
@@ -25,8 +27,10 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +42,12 @@ import transformers
 from machine import fma_peak_flops_per_second
 
 import fxjax
+from fxjax.backbones.backbone import Backbone
+from fxjax.backbones.checkpoints import timm_cnn
+from fxjax.backbones.convert import load_state
+from fxjax.backbones.formats import read_checkpoint
 from fxjax.backbones.xla import compiler_options
+from fxjax.data.preprocess import PreprocessSpec
 
 
 def _vit_b16():
@@ -79,6 +88,37 @@ MODELS: dict[str, tuple[Callable[[], torch.nn.Module], Callable]] = {
     "dinov2-s": (_dinov2_s, _pooler),
     "convnext-t": (lambda: transformers.ConvNextModel(transformers.ConvNextConfig()), _pooler),
 }
+# name → timm architecture, compared with timm's `forward_head(forward_features(x), pre_logits=True)`.
+TIMM_MODELS: dict[str, str] = {"convnextv2-t": "convnextv2_tiny"}
+
+
+def _timm_pair(architecture: str, workdir: Path, dtype: str):
+    """timm's model and the fxjax backbone on its weights, through the timm CNN builders (no Hub)."""
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    import timm
+    from safetensors.torch import save_file
+
+    model = timm.create_model(architecture, pretrained=False).eval()
+    file = workdir / f"{architecture}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file))
+    dt = jnp.dtype(dtype)
+    module, rules = timm_cnn.builder(architecture)(architecture, {}, dtype=dt, param_dtype=dt)
+    module = load_state(lambda: module, read_checkpoint(file), rules, source=str(file), param_dtype=dt)
+    backbone = Backbone(module, PreprocessSpec(size=(224, 224)), {"name": architecture}, dt)
+    return model, backbone, lambda m, x: m.forward_head(m.forward_features(x), pre_logits=True)
+
+
+def _pair(name: str, workdir: Path, dtype: str):
+    """(PyTorch model, fxjax backbone on the same weights, PyTorch forward giving the reference features)."""
+    torch.manual_seed(0)
+    if name in TIMM_MODELS:
+        return _timm_pair(TIMM_MODELS[name], workdir, dtype)
+    make, reference = MODELS[name]
+    model = make().eval()
+    folder = workdir / name
+    model.save_pretrained(folder)
+    backbone = fxjax.load_backbone(str(folder), dtype=dtype, param_dtype=dtype)
+    return model, backbone, lambda m, x: reference(m(pixel_values=x))
 
 
 def vit_b16_flops(batch: int, size: int = 224, patch: int = 16, dim: int = 768, depth: int = 12) -> float:
@@ -119,19 +159,14 @@ def matmul_flops_per_second(n: int = 2048, iters: int = 10) -> dict[str, float]:
 
 
 def bench_model(name: str, batch: int, iters: int, workdir: Path, dtype: str = "float32") -> dict:
-    make, reference = MODELS[name]
-    torch.manual_seed(0)
-    model = make().eval()
-    folder = workdir / name
-    model.save_pretrained(folder)
-    backbone = fxjax.load_backbone(str(folder), dtype=dtype, param_dtype=dtype)
+    model, backbone, forward = _pair(name, workdir, dtype)
     model = model.to(getattr(torch, dtype))
     size = backbone.preprocess.size
     x = np.random.default_rng(0).standard_normal((batch, 3, *size)).astype(np.float32)  # NCHW
     x_torch, x_jax = torch.from_numpy(x).to(getattr(torch, dtype)), jnp.asarray(x.transpose(0, 2, 3, 1))
 
     with torch.inference_mode():
-        ref = reference(model(pixel_values=x_torch)).reshape(batch, -1).float().numpy()  # also the warm-up call
+        ref = forward(model, x_torch).reshape(batch, -1).float().numpy()  # also the warm-up call
     start = time.perf_counter()
     lowered = backbone._pooled.lower(backbone.state, x_jax)
     lowered.compile()
@@ -142,7 +177,7 @@ def bench_model(name: str, batch: int, iters: int, workdir: Path, dtype: str = "
     torch_times, fxjax_times = [], []
     for _ in range(iters):
         with torch.inference_mode():
-            torch_times.append(seconds(lambda: model(pixel_values=x_torch)))
+            torch_times.append(seconds(lambda: forward(model, x_torch)))
         fxjax_times.append(seconds(lambda: backbone.features(x_jax).block_until_ready()))
     params = sum(p.numel() for p in model.parameters())
     return {
@@ -159,7 +194,10 @@ def bench_model(name: str, batch: int, iters: int, workdir: Path, dtype: str = "
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--models", nargs="+", default=["vit-b16", "resnet50", "efficientnet-b0", "dinov2-s"], choices=sorted(MODELS)
+        "--models",
+        nargs="+",
+        default=["vit-b16", "resnet50", "efficientnet-b0", "dinov2-s"],
+        choices=sorted({**MODELS, **TIMM_MODELS}),
     )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--iters", type=int, default=5)

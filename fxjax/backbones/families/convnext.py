@@ -2,7 +2,9 @@
 
 Held as embeddings (patchify conv + LayerNorm) → stages (optional LayerNorm + 2x2 downsampling conv, then
 blocks) → final LayerNorm on the pooled features, so that freezing is counted in stages. Drop-path is the
-identity at inference and is left out.
+identity at inference and is left out. Options beyond the transformers config, for timm's checkpoints: global
+response normalisation in the MLP (ConvNeXt-V2), one eps for every LayerNorm, and an MLP pre-logits head
+(timm's `head_hidden_size`).
 """
 
 from __future__ import annotations
@@ -24,15 +26,43 @@ def _layer_norm(features: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs
     )
 
 
-class Block(nnx.Module):
-    """Depthwise 7x7 → LayerNorm → Linear 4x → activation → Linear → × layer scale → + input."""
+class GlobalResponseNorm(nnx.Module):
+    """ConvNeXt-V2's GRN: each channel's spatial L2 norm, divided by its mean over channels, rescales the input
+    (x + scale · x · n + bias); zero-initialised scale and bias make it the identity."""
 
-    def __init__(self, dim: int, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, eps: float = 1e-6, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.scale = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):  # [n, h, w, dim]
+        # The norms sum h·w squares: in float32 whatever the compute dtype (bfloat16 would lose the small ones).
+        norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2), keepdims=True))  # [n, 1, 1, dim]
+        norm = (norm / (jnp.mean(norm, axis=-1, keepdims=True) + self.eps)).astype(self.dtype)
+        scale, bias = self.scale[...].astype(self.dtype), self.bias[...].astype(self.dtype)
+        return x + scale * (x * norm) + bias
+
+
+class Block(nnx.Module):
+    """Depthwise 7x7 → LayerNorm → Linear 4x → activation → [GRN] → Linear → × layer scale → + input."""
+
+    def __init__(
+        self,
+        dim: int,
+        config,
+        *,
+        grn: bool = False,
+        norm_eps: float = INNER_NORM_EPS,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         # Shifted-copy sum, not a grouped nnx.Conv: XLA's CPU grouped convolution is several times slower.
         self.dwconv = DepthwiseConv(dim, 7, padding=((3, 3), (3, 3)), use_bias=True, **kw)
-        self.layernorm = _layer_norm(dim, INNER_NORM_EPS, **kw)
+        self.layernorm = _layer_norm(dim, norm_eps, **kw)
         self.pwconv1 = nnx.Linear(dim, 4 * dim, dot_general=dot_general, **kw)
+        self.grn = GlobalResponseNorm(4 * dim, **kw) if grn else None
         self.pwconv2 = nnx.Linear(4 * dim, dim, dot_general=dot_general, **kw)
         self.activation = activation(config.hidden_act)
         self.layer_scale = (
@@ -43,21 +73,35 @@ class Block(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):  # [n, h, w, dim]
-        y = self.pwconv2(self.activation(self.pwconv1(self.layernorm(self.dwconv(x)))))
+        y = self.activation(self.pwconv1(self.layernorm(self.dwconv(x))))
+        y = self.pwconv2(y if self.grn is None else self.grn(y))
         if self.layer_scale is not None:
             y = y * self.layer_scale[...].astype(self.dtype)
         return x + y
 
 
 class Stage(nnx.Module):
-    def __init__(self, cin: int, cout: int, stride: int, depth: int, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        stride: int,
+        depth: int,
+        config,
+        *,
+        grn: bool = False,
+        norm_eps: float = INNER_NORM_EPS,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         downsamples = cin != cout or stride > 1
-        self.downsample_norm = _layer_norm(cin, INNER_NORM_EPS, **kw) if downsamples else None
+        self.downsample_norm = _layer_norm(cin, norm_eps, **kw) if downsamples else None
         self.downsample = (
             nnx.Conv(cin, cout, (stride, stride), strides=stride, padding="VALID", **kw) if downsamples else None
         )
-        self.layers = nnx.List([Block(cout, config, **kw) for _ in range(depth)])
+        self.layers = nnx.List([Block(cout, config, grn=grn, norm_eps=norm_eps, **kw) for _ in range(depth)])
 
     def __call__(self, x):  # [n, h, w, cin] → [n, h / stride, w / stride, cout]
         if self.downsample is not None:
@@ -69,27 +113,45 @@ class Stage(nnx.Module):
 
 class ConvNext(nnx.Module):
     """Outputs `pooled` [n, hidden_sizes[-1]] (HF `pooler_output`: global average of the last stage, then the
-    final LayerNorm), `feature_map` (last stage) and `hidden_states` (embeddings, then each stage: HF's)."""
+    final LayerNorm), `feature_map` (last stage) and `hidden_states` (embeddings, then each stage: HF's).
 
-    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    `grn` adds ConvNeXt-V2's global response norm to every block; `norm_eps` is the eps of every LayerNorm but
+    the final one (`config.layer_norm_eps`); `head_hidden` > 0 appends timm's pre-logits Linear + GELU of that
+    width to `pooled`."""
+
+    def __init__(
+        self,
+        config,
+        *,
+        grn: bool = False,
+        norm_eps: float = INNER_NORM_EPS,
+        head_hidden: int = 0,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         patch, width = config.patch_size, config.hidden_sizes[0]
         self.patch_embeddings = nnx.Conv(
             config.num_channels, width, (patch, patch), strides=patch, padding="VALID", **kw
         )
-        self.embeddings_norm = _layer_norm(width, INNER_NORM_EPS, **kw)
+        self.embeddings_norm = _layer_norm(width, norm_eps, **kw)
         stages, cin = [], width
         for i in range(config.num_stages):
             cout = config.hidden_sizes[i]
-            stages.append(Stage(cin, cout, 2 if i > 0 else 1, config.depths[i], config, **kw))
+            stages.append(
+                Stage(cin, cout, 2 if i > 0 else 1, config.depths[i], config, grn=grn, norm_eps=norm_eps, **kw)
+            )
             cin = cout
         self.stages = nnx.List(stages)
         self.layernorm = _layer_norm(cin, config.layer_norm_eps, **kw)
+        self.head_fc = nnx.Linear(cin, head_hidden, dot_general=dot_general, **kw) if head_hidden else None
 
     def stage_paths(self) -> list[tuple[str, ...]]:
         """Module-path prefixes of each stage, input to output: embeddings, each stage, the final norm."""
         stages = [(f"stages.{i}",) for i in range(len(self.stages))]
-        return [("patch_embeddings", "embeddings_norm"), *stages, ("layernorm",)]
+        head = ("layernorm",) if self.head_fc is None else ("layernorm", "head_fc")
+        return [("patch_embeddings", "embeddings_norm"), *stages, head]
 
     def __call__(self, x) -> dict:
         """x: [n, h, w, c] normalised → pooled features, the final feature map and each stage's output."""
@@ -99,6 +161,8 @@ class ConvNext(nnx.Module):
             x = stage(x)
             hidden.append(x)
         pooled = self.layernorm(jnp.mean(x, axis=(1, 2)))
+        if self.head_fc is not None:
+            pooled = jax.nn.gelu(self.head_fc(pooled), approximate=False)
         return {"pooled": pooled, "feature_map": x, "hidden_states": tuple(hidden)}
 
 

@@ -5,7 +5,8 @@ standard B0–B7 variant (swish, squeeze-excitation), in two checkpoint namings:
 The network is held as stem → stages (lists of MBConv blocks) → head, so that freezing can be expressed in
 stages. EfficientNet-PyTorch uses TensorFlow "SAME" padding; transformers pads explicitly (stem: one row and
 column at the bottom/right; stride-2 depthwise: `correct_pad`), which equals "SAME" only for even input sizes,
-so `padding="hf"` reproduces those pads exactly.
+so `padding="hf"` reproduces those pads exactly. timm's `efficientnet_*` pad `kernel // 2` on every side
+(PyTorch style, `padding="symmetric"`); its `tf_efficientnet_*` use "SAME".
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class EfficientNetConfig:
     depth_divisor: int = 8
     base_blocks: tuple[BlockArgs, ...] = BASE_BLOCKS
     hidden_act: str = "swish"  # of the B variants; Lite always uses ReLU6
-    padding: str = "same"  # "same": TF SAME everywhere; "hf": transformers' explicit pads
+    padding: str = "same"  # "same": TF SAME everywhere; "hf": transformers' explicit pads; "symmetric": k // 2
     depthwise_padding: tuple[int, ...] = ()  # "hf": flat block indices whose stride-2 depthwise pads symmetrically
     first_block_skip: bool = True  # skip connection on a stage's first block when shapes allow (transformers: never)
     pooling: str = "mean"  # "mean" | "max" over the head's feature map
@@ -151,10 +152,13 @@ def from_hf(config) -> EfficientNetConfig:
 
 def _depthwise_padding(config: EfficientNetConfig, kernel: int, stride: int, flat_index: int):
     """transformers' `correct_pad` for stride 2 (one less on the top/left unless the block is listed in
-    `depthwise_padding`), `kernel // 2` all round for stride 1; TF "SAME" otherwise."""
+    `depthwise_padding`), `kernel // 2` all round for stride 1; `kernel // 2` all round under "symmetric";
+    TF "SAME" otherwise."""
     if config.padding == "same":
         return "SAME"
     half = kernel // 2
+    if config.padding == "symmetric":
+        return ((half, half), (half, half))
     low = half - 1 if stride == 2 and flat_index not in config.depthwise_padding else half
     return ((low, half), (low, half))
 
@@ -227,7 +231,7 @@ class EfficientNet(nnx.Module):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.config = config
         self.activation = config.activation
-        stem_padding = "SAME" if config.padding == "same" else ((0, 1), (0, 1))
+        stem_padding = {"same": "SAME", "symmetric": ((1, 1), (1, 1))}.get(config.padding, ((0, 1), (0, 1)))
         self.stem = _conv(3, config.stem_filters, 3, stride=2, padding=stem_padding, **kw)
         self.stem_bn = _bn(config.stem_filters, config, **kw)
         stages, flat_index = [], 0

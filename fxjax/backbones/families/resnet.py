@@ -2,7 +2,9 @@
 
 Held as embedder (7x7 conv + max pool) → stages (lists of residual layers), so that freezing is counted in
 stages. Convolutions pad `kernel // 2` on every side, as the PyTorch reference does; BatchNorm always uses its
-running statistics.
+running statistics. Options beyond the transformers config, for timm's variants: a deep stem of three 3x3
+convolutions (ResNet-C/D/S/T), an average-pooled projection shortcut (ResNet-D), grouped and widened
+bottlenecks (ResNeXt, Wide ResNet).
 """
 
 from __future__ import annotations
@@ -20,7 +22,18 @@ BATCH_NORM_EPS = 1e-5  # torch.nn.BatchNorm2d's default; the HF config has no fi
 class ConvBN(nnx.Module):
     """Convolution without bias → BatchNorm (HF `ResNetConvLayer` / `ResNetShortCut`, less the activation)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, *, stride: int = 1, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel: int,
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         pad = kernel // 2
         self.conv = nnx.Conv(
             cin,
@@ -28,6 +41,7 @@ class ConvBN(nnx.Module):
             (kernel, kernel),
             strides=stride,
             padding=((pad, pad), (pad, pad)),
+            feature_group_count=groups,
             use_bias=False,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -41,20 +55,47 @@ class ConvBN(nnx.Module):
         return self.bn(self.conv(x))
 
 
+def avg_pool_ceil(x, stride: int):
+    """`nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)`: a partial window at the
+    bottom/right edge averages only the pixels it covers."""
+    pads = ((0, -x.shape[1] % stride), (0, -x.shape[2] % stride))
+    return nnx.avg_pool(x, (stride, stride), strides=(stride, stride), padding=pads, count_include_pad=False)
+
+
 class ResidualLayer(nnx.Module):
     """Basic (3x3, 3x3) or bottleneck (1x1 reduce by 4, 3x3, 1x1) residual layer with a projection shortcut
-    where the shape changes. Inner activations are ReLU whatever `hidden_act` says, as in the reference."""
+    where the shape changes. Inner activations are ReLU whatever `hidden_act` says, as in the reference.
 
-    def __init__(self, cin: int, cout: int, stride: int, config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    `avg_down`: the shortcut average-pools by the stride, then projects with a stride-1 1x1 conv (ResNet-D).
+    `groups` / `width_per_group`: the bottleneck's 3x3 is grouped, its width `cout / 4 · width_per_group / 64 ·
+    groups` (ResNeXt, Wide ResNet; the defaults give `cout / 4`)."""
+
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        stride: int,
+        config,
+        *,
+        avg_down: bool = False,
+        groups: int = 1,
+        width_per_group: int = 64,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         if config.layer_type == "bottleneck":
-            mid = cout // 4
+            mid = cout // 4 * width_per_group // 64 * groups
             first, second = (stride, 1) if config.downsample_in_bottleneck else (1, stride)
-            specs = [(cin, mid, 1, first), (mid, mid, 3, second), (mid, cout, 1, 1)]
+            specs = [(cin, mid, 1, first, 1), (mid, mid, 3, second, groups), (mid, cout, 1, 1, 1)]
         else:
-            specs = [(cin, cout, 3, stride), (cout, cout, 3, 1)]
-        self.layer = nnx.List([ConvBN(i, o, k, stride=s, **kw) for i, o, k, s in specs])
-        self.shortcut = ConvBN(cin, cout, 1, stride=stride, **kw) if cin != cout or stride != 1 else None
+            specs = [(cin, cout, 3, stride, 1), (cout, cout, 3, 1, 1)]
+        self.layer = nnx.List([ConvBN(i, o, k, stride=s, groups=g, **kw) for i, o, k, s, g in specs])
+        projects = cin != cout or stride != 1
+        self.shortcut_pool = stride if avg_down else 1
+        shortcut_stride = 1 if avg_down else stride
+        self.shortcut = ConvBN(cin, cout, 1, stride=shortcut_stride, **kw) if projects else None
         self.activation = activation(config.hidden_act)
 
     def __call__(self, x):  # [n, h, w, cin]
@@ -63,22 +104,60 @@ class ResidualLayer(nnx.Module):
             y = conv_bn(y)
             if i < len(self.layer) - 1:
                 y = jax.nn.relu(y)
-        return self.activation(y + (x if self.shortcut is None else self.shortcut(x)))
+        if self.shortcut is None:
+            return self.activation(y + x)
+        pooled = avg_pool_ceil(x, self.shortcut_pool) if self.shortcut_pool > 1 else x
+        return self.activation(y + self.shortcut(pooled))
+
+
+class DeepStem(nnx.Module):
+    """Three 3x3 convolutions (the first of stride 2) in place of the 7x7: ResNet-C/D/S/T's stem, widths
+    `widths[0]`, `widths[1]`, then `cout`; ReLU between them, the caller's activation after."""
+
+    def __init__(self, cin: int, widths: tuple[int, int], cout: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        chans = (cin, *widths, cout)
+        self.layers = nnx.List([ConvBN(chans[i], chans[i + 1], 3, stride=2 if i == 0 else 1, **kw) for i in range(3)])
+
+    def __call__(self, x):  # [n, h, w, cin] → [n, h / 2, w / 2, cout]
+        for i, conv_bn in enumerate(self.layers):
+            x = conv_bn(x)
+            if i < len(self.layers) - 1:
+                x = jax.nn.relu(x)
+        return x
 
 
 class ResNet(nnx.Module):
     """Outputs `pooled` [n, hidden_sizes[-1]] (HF `pooler_output`: global average of the last stage,
-    flattened), `feature_map` (last stage) and `hidden_states` (embedder output, then each stage: as HF)."""
+    flattened), `feature_map` (last stage) and `hidden_states` (embedder output, then each stage: as HF).
 
-    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    `stem_widths` (two widths) selects the deep stem; `avg_down`, `groups` and `width_per_group` go to every
+    residual layer (see `ResidualLayer`). The defaults are transformers' ResNet."""
+
+    def __init__(
+        self,
+        config,
+        *,
+        stem_widths: tuple[int, ...] = (),
+        avg_down: bool = False,
+        groups: int = 1,
+        width_per_group: int = 64,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.activation = activation(config.hidden_act)
-        self.embedder = ConvBN(config.num_channels, config.embedding_size, 7, stride=2, **kw)
+        if stem_widths:
+            self.embedder = DeepStem(config.num_channels, tuple(stem_widths), config.embedding_size, **kw)
+        else:
+            self.embedder = ConvBN(config.num_channels, config.embedding_size, 7, stride=2, **kw)
+        layer_kw = {"avg_down": avg_down, "groups": groups, "width_per_group": width_per_group, **kw}
         stages, cin = [], config.embedding_size
         for i, (cout, depth) in enumerate(zip(config.hidden_sizes, config.depths)):
             stride = 2 if i > 0 or config.downsample_in_first_stage else 1
-            layers = [ResidualLayer(cin, cout, stride, config, **kw)]
-            layers += [ResidualLayer(cout, cout, 1, config, **kw) for _ in range(depth - 1)]
+            layers = [ResidualLayer(cin, cout, stride, config, **layer_kw)]
+            layers += [ResidualLayer(cout, cout, 1, config, **layer_kw) for _ in range(depth - 1)]
             stages.append(nnx.List(layers))
             cin = cout
         self.stages = nnx.List(stages)
