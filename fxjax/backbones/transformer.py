@@ -333,8 +333,16 @@ class VisionTransformer(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.spec = spec
         self.embeddings = Embeddings(spec, **kw)
-        self.blocks = nnx.List([Block(spec, **kw) for _ in range(spec.depth)])
+        self.blocks = nnx.List([self.make_block(spec, **kw) for _ in range(spec.depth)])
         self.norm = layer_norm(spec, **kw) if spec.final_norm else None
+
+    def make_block(self, spec: TransformerSpec, **kw) -> nnx.Module:
+        """One encoder block; a family with other blocks (EVA's) overrides it."""
+        return Block(spec, **kw)
+
+    def block_inputs(self, x: jax.Array) -> dict:
+        """Extra keyword inputs every block receives, from the image batch x (EVA: its rotary tables)."""
+        return {}
 
     def final_norm(self, x: jax.Array) -> jax.Array:
         """The norm after the blocks, or the identity for a model without one."""
@@ -362,9 +370,9 @@ class VisionTransformer(nnx.Module):
             return jax.lax.stop_gradient(y) if index < frozen_stages else y
 
         h = boundary(self.embeddings(x), 0)  # [n, tokens, d]
-        hidden = [h]
+        hidden, extras = [h], self.block_inputs(x)
         for i, block in enumerate(self.blocks):
-            h = boundary(block(h), i + 1)
+            h = boundary(block(h, **extras), i + 1)
             hidden.append(h)
         out = {key: boundary(v, len(self.blocks) + 1) for key, v in self.finish(h).items()}
         k = self.spec.prefix_tokens

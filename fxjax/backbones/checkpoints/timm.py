@@ -21,7 +21,7 @@ from fxjax.backbones import formats
 from fxjax.backbones.backbone import Backbone
 from fxjax.backbones.checkpoints import timm_archs
 from fxjax.backbones.convert import Rule, load_state
-from fxjax.backbones.families import timm_vit
+from fxjax.backbones.families import eva, timm_vit
 from fxjax.data.preprocess import PreprocessSpec
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # timm pushes one or both; safetensors first
@@ -39,7 +39,12 @@ def _build_vit(architecture: str, args: dict, *, dtype, param_dtype) -> tuple[nn
     return timm_vit.build(vit, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)), timm_vit.conversion_rules()
 
 
-VIT_ARCHS: dict[str, Builder] = {"vit_": _build_vit, "deit3_": _build_vit}
+def _build_eva(architecture: str, args: dict, *, dtype, param_dtype) -> tuple[nnx.Module, list[Rule]]:
+    config = eva.from_args(architecture, {**timm_archs.eva02_args(architecture), **args})
+    return eva.build(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)), eva.conversion_rules()
+
+
+VIT_ARCHS: dict[str, Builder] = {"vit_": _build_vit, "deit3_": _build_vit, "eva02_": _build_eva}
 ARCHS: dict[str, Builder] = dict(VIT_ARCHS)
 # With the CNN builders present (fxjax/backbones/checkpoints/timm_cnn.py), they join the same registry.
 if (Path(__file__).parent / "timm_cnn.py").exists():

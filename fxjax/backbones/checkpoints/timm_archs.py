@@ -103,3 +103,29 @@ def vit_args(architecture: str) -> dict:
         args["fc_norm"] = False  # the plain `_gap` models keep the final norm before pooling
     args.update(IRREGULAR.get(architecture, IRREGULAR.get(_strip_resolution(architecture), {})))
     return args
+
+
+EVA02_SIZES: dict[str, tuple[int, int, int]] = {  # size → (embed_dim, depth, num_heads)
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+_EVA02_NAME = re.compile(r"eva02_(?P<size>[a-z]+)_patch(?P<patch>\d+)(?P<clip>_clip)?_(?P<res>\d+)")
+
+
+def eva02_args(architecture: str) -> dict:
+    """The registry's `Eva` arguments of an `eva02_{size}_patch{N}[_clip]_{resolution}` architecture: SwiGLU MLPs
+    (with their inner LayerNorm, and three separate q / k / v projections, from base up), RoPE on the 16x16
+    pre-training grid; the CLIP towers add the attention-output LayerNorm and pool their class token."""
+    match = _EVA02_NAME.fullmatch(architecture)
+    if match is None or match["size"] not in EVA02_SIZES:
+        raise ValueError(f"timm architecture {architecture!r}: not an eva02_{{size}}_patch{{N}}_... name fxjax reads")
+    dim, depth, heads = EVA02_SIZES[match["size"]]
+    args = dict(img_size=int(match["res"]), patch_size=int(match["patch"]), embed_dim=dim, depth=depth)
+    args.update(num_heads=heads, mlp_ratio=4 * 2 / 3, swiglu_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(16, 16))
+    if match["size"] in ("base", "large"):
+        args.update(qkv_fused=False, scale_mlp=True)
+    if match["clip"]:
+        args.update(scale_attn_inner=True, global_pool="token")
+    return args
