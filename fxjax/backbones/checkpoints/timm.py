@@ -100,7 +100,7 @@ def preprocess_spec(pretrained_cfg: dict) -> PreprocessSpec:
     _, height, width = pretrained_cfg.get("input_size", (3, 224, 224))
     crop_pct = pretrained_cfg.get("crop_pct") or _DEFAULT_CROP_PCT
     crop_mode = pretrained_cfg.get("crop_mode") or "center"
-    interpolation = pretrained_cfg.get("interpolation") or "bilinear"
+    interpolation = pretrained_cfg.get("interpolation") or "bicubic"
     if height != width:
         raise ValueError(f"timm input_size {(height, width)} is not square; fxjax reads square inputs only")
     if crop_mode not in ("center", "squash"):
