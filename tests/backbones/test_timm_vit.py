@@ -17,7 +17,7 @@ import fxjax
 from fxjax.backbones.checkpoints import timm as timm_layout, timm_archs
 from fxjax.backbones.convert import WeightMismatchError
 from fxjax.backbones.families import eva, timm_vit
-from fxjax.data.preprocess import preprocess_image
+from fxjax.data.preprocess import PreprocessSpec, preprocess_image
 
 torch = pytest.importorskip("torch")
 timm = pytest.importorskip("timm")
@@ -226,6 +226,7 @@ def test_preprocessing_equals_timms_eval_transform(cfg_name, photos):
     cfg = PRETRAINED_CFGS[cfg_name]
     transform = create_transform(**resolve_data_config(pretrained_cfg=cfg))
     spec = timm_layout.preprocess_spec(cfg)
+    assert PreprocessSpec(**json.loads(json.dumps(spec.to_dict()))) == spec  # survives the run files
     for photo in photos:
         theirs = transform(Image.fromarray(photo)).permute(1, 2, 0).numpy()
         ours = preprocess_image(photo, spec)

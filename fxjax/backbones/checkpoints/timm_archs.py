@@ -83,7 +83,10 @@ def vit_args(architecture: str) -> dict:
     values; `norm_eps` and `act_layer` by name stand for timm's layer arguments)."""
     match = _VIT_NAME.fullmatch(architecture)
     if match is None or match["size"] not in VIT_SIZES:
-        raise ValueError(f"timm architecture {architecture!r}: not a vit_{{size}}_patch{{N}}_... name fxjax reads")
+        raise ValueError(
+            f"timm architecture {architecture!r}: not a vit_{{size}}_patch{{N}}_... / deit3_... name fxjax reads; "
+            f"sizes: {', '.join(VIT_SIZES)}"
+        )
     dim, depth, heads, mlp_ratio = VIT_SIZES[match["size"]]
     args = dict(patch_size=int(match["patch"]), embed_dim=dim, depth=depth, num_heads=heads)
     if mlp_ratio != 4.0:
@@ -98,7 +101,10 @@ def vit_args(architecture: str) -> dict:
         elif token in VIT_VARIANTS:
             args.update(VIT_VARIANTS[token])
         elif architecture not in IRREGULAR and _strip_resolution(architecture) not in IRREGULAR:
-            raise ValueError(f"timm architecture {architecture!r}: unknown variant {token!r}")
+            raise ValueError(
+                f"timm architecture {architecture!r}: unknown variant {token!r}; "
+                f"supported: {', '.join(VIT_VARIANTS)}, reg{{N}}"
+            )
     if "gap" in tokens and not registers:
         args["fc_norm"] = False  # the plain `_gap` models keep the final norm before pooling
     args.update(IRREGULAR.get(architecture, IRREGULAR.get(_strip_resolution(architecture), {})))
@@ -120,7 +126,10 @@ def eva02_args(architecture: str) -> dict:
     pre-training grid; the CLIP towers add the attention-output LayerNorm and pool their class token."""
     match = _EVA02_NAME.fullmatch(architecture)
     if match is None or match["size"] not in EVA02_SIZES:
-        raise ValueError(f"timm architecture {architecture!r}: not an eva02_{{size}}_patch{{N}}_... name fxjax reads")
+        raise ValueError(
+            f"timm architecture {architecture!r}: not an eva02_{{size}}_patch{{N}}[_clip]_{{resolution}} name fxjax "
+            f"reads; sizes: {', '.join(EVA02_SIZES)}"
+        )
     dim, depth, heads = EVA02_SIZES[match["size"]]
     args = dict(img_size=int(match["res"]), patch_size=int(match["patch"]), embed_dim=dim, depth=depth)
     args.update(num_heads=heads, mlp_ratio=4 * 2 / 3, swiglu_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(16, 16))
