@@ -97,6 +97,18 @@ def _assert_same_weights(a, b) -> None:
     assert leaves and all(leaves)
 
 
+@pytest.mark.parametrize(
+    ("arch", "size"), [("vit_medium_patch16_reg4_gap_256", 48), ("eva02_tiny_patch14_224.mim_in22k", 24)]
+)
+def test_other_input_sizes_as_timms_dynamic_img_size(arch, size, tmp_path):
+    # positions resized as timm does (bicubic, antialiased); EVA's RoPE on the new grid, rescaled to its reference
+    model = _tiny_timm(arch, dynamic_img_size=True)
+    backbone = fxjax.load_backbone(str(_save(model, tmp_path)))
+    x = np.random.default_rng(1).normal(size=(2, size, size, 3)).astype(np.float32)
+    diffs = _max_diffs(backbone, model, x)
+    assert max(diffs.values()) <= TOL, diffs
+
+
 def test_pytorch_bin_instead_of_safetensors(tmp_path):
     model = _tiny_timm("deit3_small_patch16_224")
     folder = _save(model, tmp_path / "bin", safe=False)

@@ -96,6 +96,7 @@ class EvaArgs:
             cls_token=self.class_token,
             register_tokens=self.num_reg_tokens,
             positioned_prefix=0 if self.no_embed_class else prefix,
+            antialias_positions=True,  # timm's resample_abs_pos_embed (other input sizes)
             patch_bias=not self.use_pre_transformer_norm,
             pre_norm=self.use_pre_transformer_norm,
             final_norm=self.post_norm,

@@ -91,6 +91,7 @@ class TimmViTArgs:
             cls_token=self.class_token,
             register_tokens=self.reg_tokens,
             positioned_prefix=0 if self.no_embed_class else self.prefix_tokens,
+            antialias_positions=True,  # timm's resample_abs_pos_embed (other input sizes)
             patch_bias=not self.pre_norm,
             pre_norm=self.pre_norm,
             final_norm=self.final_norm and not self.use_fc_norm,
