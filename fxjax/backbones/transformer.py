@@ -325,6 +325,21 @@ class Block(nnx.Module):
         return x + y
 
 
+def pool_tokens(tokens: jax.Array, prefix: int, pool: str) -> jax.Array:
+    """timm's `global_pool_nlc`: [n, t, d] → [n, d] by the CLS token ("token") or over the patch tokens (the
+    `prefix` tokens before them excluded): "avg", "max", "avgmax" (the mean of both)."""
+    if pool == "token":
+        return tokens[:, 0]
+    patches = tokens[:, prefix:]
+    if pool == "avg":
+        return jnp.mean(patches, axis=1)
+    if pool == "max":
+        return jnp.max(patches, axis=1)
+    if pool == "avgmax":
+        return 0.5 * (jnp.max(patches, axis=1) + jnp.mean(patches, axis=1))
+    raise ValueError(f"unknown pooling {pool!r}; use token, avg, max or avgmax")
+
+
 class VisionTransformer(nnx.Module):
     """Embeddings → blocks → final norm; `finish` (the family's) turns the last block's output into
     `last_hidden_state`, the final-normed tokens and `pooled`. Stages: embeddings, each block, final."""

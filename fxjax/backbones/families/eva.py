@@ -32,6 +32,7 @@ from fxjax.backbones.transformer import (
     linear_rules,
     norm_rules,
     patch_rules,
+    pool_tokens,
 )
 
 POOLS = ("token", "avg", "max", "avgmax")
@@ -291,16 +292,7 @@ class EvaViT(VisionTransformer):
 
     def finish(self, x: jax.Array) -> dict:
         normed = self.final_norm(x)  # [n, t, d]: forward_features' output
-        patches = normed[:, self.spec.prefix_tokens :]
-        pool = self.args.global_pool
-        if pool == "token":
-            pooled = normed[:, 0]
-        elif pool == "avg":
-            pooled = jnp.mean(patches, axis=1)
-        elif pool == "max":
-            pooled = jnp.max(patches, axis=1)
-        else:  # avgmax
-            pooled = 0.5 * (jnp.max(patches, axis=1) + jnp.mean(patches, axis=1))
+        pooled = pool_tokens(normed, self.spec.prefix_tokens, self.args.global_pool)
         if self.fc_norm is not None:
             pooled = self.fc_norm(pooled)
         return {"last_hidden_state": normed, "normed": normed, "pooled": pooled}

@@ -33,6 +33,7 @@ from fxjax.backbones.transformer import (
     linear_rules,
     norm_rules,
     patch_rules,
+    pool_tokens,
 )
 
 POOLS = ("token", "avg", "max", "avgmax", "map")
@@ -203,17 +204,11 @@ class TimmViT(VisionTransformer):
 
     def finish(self, x: jax.Array) -> dict:
         normed = self.final_norm(x)  # [n, t, d]: forward_features' output
-        patches = normed[:, self.spec.prefix_tokens :]
+        k = self.spec.prefix_tokens
         if self.attn_pool is not None:
-            pooled = self.attn_pool(patches)
-        elif self.global_pool == "token":
-            pooled = normed[:, 0]
-        elif self.global_pool == "avg":
-            pooled = jnp.mean(patches, axis=1)
-        elif self.global_pool == "max":
-            pooled = jnp.max(patches, axis=1)
-        else:  # avgmax
-            pooled = 0.5 * (jnp.max(patches, axis=1) + jnp.mean(patches, axis=1))
+            pooled = self.attn_pool(normed[:, k:])
+        else:
+            pooled = pool_tokens(normed, k, self.global_pool)
         if self.fc_norm is not None:
             pooled = self.fc_norm(pooled)
         return {"last_hidden_state": normed, "normed": normed, "pooled": pooled}
