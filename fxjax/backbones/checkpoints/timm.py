@@ -85,7 +85,9 @@ def builder(architecture: str) -> Builder:
 
 def model_args(pretrained_cfg: dict, args: dict) -> dict:
     """The checkpoint's `model_args`, plus what timm's builder takes from `pretrained_cfg` when they are absent:
-    the input size of a fixed-size model, the global pool where the cfg names one."""
+    the input size of a fixed-size model, the global pool where the cfg names one. Both override the registry
+    defaults; timm lets EVA's registry `img_size` win over `pretrained_cfg`, which its published checkpoints
+    never contradict."""
     args = dict(args)
     if pretrained_cfg.get("fixed_input_size") and pretrained_cfg.get("input_size"):
         args.setdefault("img_size", list(pretrained_cfg["input_size"][-2:]))
