@@ -12,7 +12,7 @@ Outputs of `VisionTransformer.__call__` (every family):
                                       as the reference's `output_hidden_states=True`
   patch_tokens       [n, patches, d]  final-normed patch tokens (prefix tokens removed)
   block_cls          [n, layers, d]   CLS token of each block's output, pre-final-norm (a model with no CLS
-                                      token — SigLIP — gives each block's mean token instead)
+                                      token — SigLIP — gives each block's mean patch token instead)
   block_cls_normed   [n, layers, d]   the same through the final norm, as DINOv2's linear evaluation takes
                                       them (`get_intermediate_layers(norm=True)`)
 Take "CLS of the last N blocks" as `block_cls[:, -N:]` (or `block_cls_normed[:, -N:]`).
@@ -38,6 +38,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_new": partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
     "gelu_fast": partial(jax.nn.gelu, approximate=True),
+    "gelu_tanh": partial(jax.nn.gelu, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
@@ -74,6 +75,10 @@ class TransformerSpec:
     patch_bias: bool = True
     pre_norm: bool = False  # CLIP normalises the embeddings before the first block
     batch_dims: bool = True  # tokens stored [1, 1, d] / positions [1, t, d] (else [d] / [t, d], nn.Embedding)
+    # Prefix tokens that have a position embedding, counted from the first; None: the class tokens. timm's
+    # `no_embed_class` models have 0; its register models without it have all (class tokens and registers).
+    positioned_prefix: int | None = None
+    final_norm: bool = True  # False: no norm after the blocks (timm's `fc_norm` models norm after pooling)
 
     @classmethod
     def from_hf(cls, config, **overrides) -> TransformerSpec:
@@ -99,6 +104,11 @@ class TransformerSpec:
     def prefix_tokens(self) -> int:
         """Tokens before the patch tokens: class tokens, then registers."""
         return self.class_tokens + self.register_tokens
+
+    @property
+    def position_prefix(self) -> int:
+        """Prefix tokens with a position embedding (the first ones); the others get none."""
+        return self.class_tokens if self.positioned_prefix is None else self.positioned_prefix
 
     @property
     def grid(self) -> int:
@@ -195,26 +205,27 @@ class Embeddings(nnx.Module):
             if spec.register_tokens
             else None
         )
-        positions = (spec.class_tokens + spec.grid**2, spec.dim)
+        positions = (spec.position_prefix + spec.grid**2, spec.dim)
         self.position = nnx.Param(init(rngs.params(), (1, *positions) if spec.batch_dims else positions, param_dtype))
         self.pre_norm = layer_norm(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if spec.pre_norm else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         tokens, grid = self.patch_embed(x)  # [n, p, d]
-        n, k, dim = tokens.shape[0], self.spec.class_tokens, self.spec.dim
-        pos = self.position[...].reshape(1, -1, dim)  # [1, k + g*g, d]
+        n, dim = tokens.shape[0], self.spec.dim
+        k, m = self.spec.prefix_tokens, self.spec.position_prefix  # prefix tokens, those with a position
+        pos = self.position[...].reshape(1, -1, dim)  # [1, m + g*g, d]
         grid_in = (self.spec.grid, self.spec.grid)
-        patch_pos = resize_positions(pos[:, k:], grid_in, grid, self.spec.antialias_positions)
+        patch_pos = resize_positions(pos[:, m:], grid_in, grid, self.spec.antialias_positions)
         if k:
             prefix = [t[...].reshape(1, 1, dim) for t in (self.cls_token, self.dist_token) if t is not None]
+            if self.register_tokens is not None:
+                prefix.append(self.register_tokens[...].reshape(1, -1, dim))
             prefix = jnp.broadcast_to(jnp.concatenate(prefix, axis=1).astype(self.dtype), (n, k, dim))
-            tokens = jnp.concatenate([prefix, tokens], axis=1)  # [n, k + p, d]
-        pos = jnp.concatenate([pos[:, :k], patch_pos], axis=1).astype(self.dtype)
+            tokens = jnp.concatenate([prefix, tokens], axis=1)  # [n, k + p, d]: class tokens, registers, patches
+        # Prefix tokens past the first m get no position (adding zeros is exact).
+        unplaced = jnp.zeros((1, k - m, dim), pos.dtype)
+        pos = jnp.concatenate([pos[:, :m], unplaced, patch_pos], axis=1).astype(self.dtype)
         tokens = tokens + pos
-        if self.register_tokens is not None:
-            r = self.spec.register_tokens
-            registers = jnp.broadcast_to(self.register_tokens[...].astype(self.dtype), (n, r, dim))
-            tokens = jnp.concatenate([tokens[:, :k], registers, tokens[:, k:]], axis=1)  # [n, k + r + p, d]
         return self.pre_norm(tokens) if self.pre_norm is not None else tokens
 
 
@@ -314,6 +325,21 @@ class Block(nnx.Module):
         return x + y
 
 
+def pool_tokens(tokens: jax.Array, prefix: int, pool: str) -> jax.Array:
+    """timm's `global_pool_nlc`: [n, t, d] → [n, d] by the CLS token ("token") or over the patch tokens (the
+    `prefix` tokens before them excluded): "avg", "max", "avgmax" (the mean of both)."""
+    if pool == "token":
+        return tokens[:, 0]
+    patches = tokens[:, prefix:]
+    if pool == "avg":
+        return jnp.mean(patches, axis=1)
+    if pool == "max":
+        return jnp.max(patches, axis=1)
+    if pool == "avgmax":
+        return 0.5 * (jnp.max(patches, axis=1) + jnp.mean(patches, axis=1))
+    raise ValueError(f"unknown pooling {pool!r}; use token, avg, max or avgmax")
+
+
 class VisionTransformer(nnx.Module):
     """Embeddings → blocks → final norm; `finish` (the family's) turns the last block's output into
     `last_hidden_state`, the final-normed tokens and `pooled`. Stages: embeddings, each block, final."""
@@ -322,8 +348,20 @@ class VisionTransformer(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.spec = spec
         self.embeddings = Embeddings(spec, **kw)
-        self.blocks = nnx.List([Block(spec, **kw) for _ in range(spec.depth)])
-        self.norm = layer_norm(spec, **kw)
+        self.blocks = nnx.List([self.make_block(spec, **kw) for _ in range(spec.depth)])
+        self.norm = layer_norm(spec, **kw) if spec.final_norm else None
+
+    def make_block(self, spec: TransformerSpec, **kw) -> nnx.Module:
+        """One encoder block; a family with other blocks (EVA's) overrides it."""
+        return Block(spec, **kw)
+
+    def block_inputs(self, x: jax.Array) -> dict:
+        """Extra keyword inputs every block receives, from the image batch x (EVA: its rotary tables)."""
+        return {}
+
+    def final_norm(self, x: jax.Array) -> jax.Array:
+        """The norm after the blocks, or the identity for a model without one."""
+        return self.norm(x) if self.norm is not None else x
 
     def head_paths(self) -> tuple[str, ...]:
         """Module paths of the family's pooling head, part of the final stage."""
@@ -342,16 +380,17 @@ class VisionTransformer(nnx.Module):
     def __call__(self, x: jax.Array) -> dict:
         """x: [n, h, w, 3] normalised → pooled, tokens and every block's output."""
         h = self.embeddings(x)  # [n, tokens, d]
-        hidden = [h]
+        hidden, extras = [h], self.block_inputs(x)
         for block in self.blocks:
-            h = block(h)
+            h = block(h, **extras)
             hidden.append(h)
         out = self.finish(h)
         k = self.spec.prefix_tokens
-        cls = jnp.stack([y[:, 0] if k else jnp.mean(y, axis=1) for y in hidden[1:]], axis=1)  # [n, layers, d]
+        # [n, layers, d]; a model without CLS (SigLIP, timm's registers + avg pool) takes the mean patch token
+        cls = jnp.stack([y[:, 0] if self.spec.cls_token else jnp.mean(y[:, k:], axis=1) for y in hidden[1:]], axis=1)
         out["patch_tokens"] = out.pop("normed")[:, k:]
         # LayerNorm acts per token: norming the stacked CLS tokens = norming each block's output, then its CLS.
-        return out | {"hidden_states": tuple(hidden), "block_cls": cls, "block_cls_normed": self.norm(cls)}
+        return out | {"hidden_states": tuple(hidden), "block_cls": cls, "block_cls_normed": self.final_norm(cls)}
 
 
 # ---- conversion helpers: each accepts the PyTorch name (`weight`, transposed) and the HF Flax one (`kernel`,

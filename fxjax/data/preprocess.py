@@ -36,6 +36,12 @@ class PreprocessSpec:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     rescale: float = 1.0 / 255.0
     resample: str = "bilinear"  # "bilinear" | "bicubic" | "nearest" (PIL filters)
+    # With resize_shortest: "shortest" keeps the aspect ratio; "squash" resizes both sides to resize_shortest
+    # (timm's crop_mode="squash").
+    resize_mode: str = "shortest"
+    # Centre-crop offset: "floor" = (H - h) // 2 as HF processors; "round" = round((H - h) / 2) as torchvision's
+    # CenterCrop (timm's eval transform), which differs by a pixel when H - h is odd.
+    crop_rounding: str = "floor"
 
     def __post_init__(self) -> None:
         # Normalise list inputs (e.g. from JSON / ml_collections) so equality and hashing behave.
@@ -48,6 +54,10 @@ class PreprocessSpec:
             raise ValueError(f"mean and std need 3 values (std > 0), got mean={self.mean} std={self.std}")
         if self.resample not in _RESAMPLE:
             raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
+        if self.resize_mode not in ("shortest", "squash"):
+            raise ValueError(f"resize_mode must be 'shortest' or 'squash', got {self.resize_mode!r}")
+        if self.crop_rounding not in ("floor", "round"):
+            raise ValueError(f"crop_rounding must be 'floor' or 'round', got {self.crop_rounding!r}")
         if self.resize_shortest is not None and self.resize_shortest < max(self.size):
             raise ValueError(f"resize_shortest={self.resize_shortest} is smaller than the crop {self.size}")
 
@@ -59,8 +69,13 @@ class PreprocessSpec:
         return dataclasses.replace(self, size=(size, size), resize_shortest=shortest)
 
     def to_dict(self) -> dict:
-        """JSON-able form, used in feature-cache fingerprints and environment.json."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        """JSON-able form, used in feature-cache fingerprints and environment.json. The geometry options at their
+        defaults are left out, so that fingerprints made before they existed still match."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        for key, default in (("resize_mode", "shortest"), ("crop_rounding", "floor")):
+            if out[key] == default:
+                del out[key]
+        return out
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -96,8 +111,14 @@ def resize_and_crop(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     # torchvision Resize(int): the shorter side becomes exactly `resize_shortest`, the longer is truncated.
     w, h = pil.size
     s = spec.resize_shortest
-    new_w, new_h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
+    if spec.resize_mode == "squash":
+        new_w, new_h = s, s
+    else:
+        new_w, new_h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+    if spec.crop_rounding == "round":
+        top, left = int(round((new_h - height) / 2.0)), int(round((new_w - width) / 2.0))
+    else:
+        top, left = (new_h - height) // 2, (new_w - width) // 2
     resized = pil.resize((new_w, new_h), _RESAMPLE[spec.resample])
     return np.asarray(resized.crop((left, top, left + width, top + height)))
 
