@@ -14,8 +14,7 @@ import pytest
 import timm
 import torch
 from dinov2.data.transforms import make_classification_eval_transform
-from dinov2.layers import MemEffAttention
-from dinov2.layers import NestedTensorBlock as DinoBlock
+from dinov2.layers import MemEffAttention, NestedTensorBlock as DinoBlock
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from timm.models.vision_transformer import _load_weights, checkpoint_filter_fn
 
@@ -104,9 +103,8 @@ def test_dinov2_hub_registers_match_timm(tmp_path: Path):
     path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
     torch.save(state, path)
     ref_model = timm.create_model(
-        "vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56, embed_dim=dim, depth=2, num_heads=heads,
-        dynamic_img_size=True,
-    ).eval()  # fmt: skip
+        "vit_small_patch14_reg4_dinov2", img_size=56, embed_dim=dim, depth=2, num_heads=heads, dynamic_img_size=True
+    ).eval()
     ref_model.load_state_dict(checkpoint_filter_fn(dict(state), ref_model))
     bb = fxjax.load_backbone(str(path))
     assert bb.info["model_type"] == "dinov2_with_registers"
@@ -177,8 +175,8 @@ def _npz_arrays(model, *, big_vision_names: bool) -> tuple[dict, list[dict]]:
         top["cls"] = sd["cls_token"]
     if model.attn_pool is not None:
         top["MAPHead_0/probe"] = sd["attn_pool.latent"]
-        top |= attention(*(sd[f"attn_pool.{n}"] for n in ("q.weight", "q.bias", "kv.weight", "kv.bias")),
-                         sd["attn_pool.proj.weight"], sd["attn_pool.proj.bias"], "MAPHead_0/MultiHeadDotProductAttention_0")  # fmt: skip
+        names = ("q.weight", "q.bias", "kv.weight", "kv.bias", "proj.weight", "proj.bias")
+        top |= attention(*(sd[f"attn_pool.{n}"] for n in names), "MAPHead_0/MultiHeadDotProductAttention_0")
         top |= norm("MAPHead_0/LayerNorm_0", "attn_pool.norm")
         top |= dense("MAPHead_0/MlpBlock_0/Dense_0", "attn_pool.mlp.fc1")
         top |= dense("MAPHead_0/MlpBlock_0/Dense_1", "attn_pool.mlp.fc2")
@@ -188,11 +186,11 @@ def _npz_arrays(model, *, big_vision_names: bool) -> tuple[dict, list[dict]]:
     for i in range(len(model.blocks)):
         b = f"blocks.{i}"
         qkv_w, qkv_b = sd[f"{b}.attn.qkv.weight"], sd[f"{b}.attn.qkv.bias"]
+        proj = sd[f"{b}.attn.proj.weight"], sd[f"{b}.attn.proj.bias"]
         blocks.append(
             {
                 **norm("LayerNorm_0", f"{b}.norm1"),
-                **attention(qkv_w[:d], qkv_b[:d], qkv_w[d:], qkv_b[d:], sd[f"{b}.attn.proj.weight"],
-                            sd[f"{b}.attn.proj.bias"], mha),  # fmt: skip
+                **attention(qkv_w[:d], qkv_b[:d], qkv_w[d:], qkv_b[d:], *proj, mha),
                 **norm(ln2, f"{b}.norm2"),
                 **dense(f"{mlp}/Dense_0", f"{b}.mlp.fc1"),
                 **dense(f"{mlp}/Dense_1", f"{b}.mlp.fc2"),
@@ -223,7 +221,7 @@ def _check_against_timm(path: Path, make_reference) -> fxjax.backbones.backbone.
     _load_weights(reference, str(path))  # timm reads the file we wrote into a fresh model
     bb = fxjax.load_backbone(str(path))
     x = _images(48, 48, seed=5)
-    pooled, block0 = _block0(reference.eval(), x, lambda t: reference.forward_head(reference.forward_features(t), pre_logits=True))  # fmt: skip
+    pooled, block0 = _block0(reference, x, lambda t: reference.forward_head(reference.forward_features(t), True))
     out = bb.outputs(x)
     _close(out["pooled"], pooled)
     _close(out["hidden_states"][1], block0)
