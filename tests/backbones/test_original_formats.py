@@ -21,6 +21,7 @@ from timm.models.vision_transformer import _load_weights, checkpoint_filter_fn
 import fxjax
 from fxjax.backbones import checkpoints
 from fxjax.backbones.checkpoints import big_vision, dinov2_hub
+from fxjax.backbones.formats import CheckpointError, read_checkpoint
 
 TOL = 1e-4
 
@@ -229,14 +230,23 @@ def _check_against_timm(path: Path, make_reference) -> fxjax.backbones.backbone.
     return bb
 
 
-@pytest.mark.parametrize("big_vision_names", [False, True], ids=["vision_transformer", "big_vision"])
-def test_vit_npz_matches_timm(tmp_path: Path, big_vision_names: bool):
-    # vision_transformer (`ViT-B_16.npz`, AugReg) stores a position for `cls`; big_vision adds positions to the
-    # patches only (timm's `no_embed_class`).
-    model = _timm("vit_tiny_patch16_224", no_embed_class=big_vision_names)
+VIT_NPZ = {
+    # vision_transformer (`ViT-B_16.npz`, AugReg) stores a position for `cls`: timm's default ViT.
+    "vision_transformer": (False, dict()),
+    # big_vision adds positions to the patches only, then prepends `cls`: timm's `no_embed_class`.
+    "big_vision": (True, dict(no_embed_class=True)),
+    # big_vision's "gap" pooling: the mean of the final-normed tokens, no `cls`.
+    "big_vision_gap": (True, dict(class_token=False, global_pool="avg", fc_norm=False)),
+}
+
+
+@pytest.mark.parametrize("variant", list(VIT_NPZ))
+def test_vit_npz_matches_timm(tmp_path: Path, variant: str):
+    big_vision_names, kwargs = VIT_NPZ[variant]
+    model = _timm("vit_tiny_patch16_224", **kwargs)
     path = tmp_path / "ViT-B_16.npz"
     _write_npz(path, model, big_vision_names=big_vision_names)
-    bb = _check_against_timm(path, lambda: _timm("vit_tiny_patch16_224", no_embed_class=big_vision_names))
+    bb = _check_against_timm(path, lambda: _timm("vit_tiny_patch16_224", **kwargs))
     assert bb.info["model_type"] == "vit"
 
 
@@ -260,3 +270,10 @@ def test_layouts_claim_their_files_only(tmp_path: Path):
     assert checkpoints.find_layout(other) is None
     with pytest.raises(FileNotFoundError, match="arrays.npz"):
         fxjax.load_backbone(str(other))
+
+
+def test_npz_reader_refuses_pickled_arrays(tmp_path: Path):
+    path = tmp_path / "objects.npz"
+    np.savez(path, x=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(CheckpointError, match="no pickles"):
+        read_checkpoint(path)
