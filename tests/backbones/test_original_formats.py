@@ -74,20 +74,21 @@ def _dinov2(dim: int, heads: int, ffn_layer: str = "mlp", seed: int = 0) -> Dino
 
 
 @pytest.mark.parametrize(
-    "file_name, dim, heads, ffn_layer",
+    "file_name, dim, heads, ffn_layer, sizes",
     [
-        ("dinov2_vits14_pretrain.pth", 128, 2, "mlp"),  # a ViT-S name: the tensors' architecture wins
-        ("dinov2_vitg14_heads4_pretrain.pth", 64, 4, "swiglufused"),  # ViT-g's SwiGLU; head count from the name
+        # A ViT-S name: the tensors' architecture wins. The stored 4x4 grid, then a non-square one.
+        ("dinov2_vits14_pretrain.pth", 128, 2, "mlp", ((56, 56), (42, 98))),
+        # ViT-g's SwiGLU, the head count from the name; a larger grid.
+        ("dinov2_vitg14_heads4_pretrain.pth", 64, 4, "swiglufused", ((84, 84),)),
     ],
 )
-def test_dinov2_hub_file_matches_dinov2(tmp_path: Path, file_name: str, dim: int, heads: int, ffn_layer: str):
+def test_dinov2_hub_file_matches_dinov2(tmp_path: Path, file_name: str, dim: int, heads: int, ffn_layer: str, sizes):
     model = _dinov2(dim, heads, ffn_layer)
     path = tmp_path / file_name
     torch.save(model.state_dict(), path)
     bb = fxjax.load_backbone(str(path))
     assert bb.info["model_type"] == "dinov2" and bb.info["weight_files"] == [str(path)]
-    # Stored 4x4 grid, then other grids: DINOv2 resizes its positions by (grid + 0.1) / 4.
-    for h, w in ((56, 56), (84, 84), (42, 98)):
+    for h, w in sizes:  # other grids than the stored one: DINOv2 resizes its positions by (grid + 0.1) / 4
         x = _images(h, w)
         ref, block0 = _block0(model, x, model.forward_features)
         out = bb.outputs(x)
@@ -109,7 +110,7 @@ def test_dinov2_hub_registers_match_timm(tmp_path: Path):
     ref_model.load_state_dict(checkpoint_filter_fn(dict(state), ref_model))
     bb = fxjax.load_backbone(str(path))
     assert bb.info["model_type"] == "dinov2_with_registers"
-    for h, w in ((56, 56), (84, 70)):
+    for h, w in ((84, 70),):  # a non-square grid
         x = _images(h, w, seed=3)
         tokens, block0 = _block0(ref_model, x, ref_model.forward_features)  # [n, 1 + 4 + patches, d]
         out = bb.outputs(x)
