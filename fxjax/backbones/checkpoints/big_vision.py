@@ -15,7 +15,9 @@ final-normed tokens. big_vision adds its position embeddings before prepending `
 position here. The MLPs use the tanh-approximated GELU that these Flax models compute (`nn.gelu`'s default;
 timm and transformers load AugReg ViTs with the exact GELU instead, a difference near 1e-3 in the features).
 
-Preprocessing: resize to the model's size (bilinear, as big_vision's `resize`), then mean = std = 0.5.
+Preprocessing: resize to the model's size (bilinear, as big_vision's `resize`), then mean = std = 0.5. The size is
+the position grid times the patch: SigLIP So400m/14 "384" stores 27x27 positions, so it is fed 378 px (big_vision
+resizes to 384 and its stride-14 convolution ignores the last 6 pixels).
 """
 
 from __future__ import annotations
