@@ -72,6 +72,9 @@ class TransformerSpec:
     dist_token: bool = False  # DeiT's distillation token, after the CLS token
     register_tokens: int = 0  # DINOv2-with-registers' extra tokens after CLS, with no position embedding
     antialias_positions: bool = False  # resize positions as PyTorch's `antialias=True` (DINOv2 with registers)
+    # DINOv2's original code resizes positions by the scale factor (grid + offset) / grid_in, offset 0.1 (its
+    # "avoid floating point error" kludge), which PyTorch uses as given: taps sit slightly off the size ratio's.
+    position_offset: float = 0.0
     patch_bias: bool = True
     pre_norm: bool = False  # CLIP normalises the embeddings before the first block
     batch_dims: bool = True  # tokens stored [1, 1, d] / positions [1, t, d] (else [d] / [t, d], nn.Embedding)
@@ -115,12 +118,13 @@ class TransformerSpec:
         return self.image_size // self.patch_size
 
 
-def bicubic_matrix(size_in: int, size_out: int, antialias: bool = False) -> np.ndarray:
+def bicubic_matrix(size_in: int, size_out: int, antialias: bool = False, offset: float = 0.0) -> np.ndarray:
     """[size_out, size_in] weights of PyTorch's `F.interpolate(mode="bicubic", align_corners=False)` along one
     axis (Keys kernel, a=-0.75, border-clamped taps, no antialiasing), which every reference uses to resize
     position embeddings; `jax.image.resize` differs (a=-0.5, antialiased downsampling). `antialias`: PyTorch's
     `antialias=True` instead (DINOv2 with registers), a different filter even when upsampling: a=-0.5, widened
-    by the scale when downsampling, taps outside the input dropped and the rest renormalised."""
+    by the scale when downsampling, taps outside the input dropped and the rest renormalised. `offset`: the
+    scale PyTorch is given as `scale_factor` is (size_out + offset) / size_in instead of the size ratio."""
     a = -0.5 if antialias else -0.75
 
     def keys(t):  # the cubic kernel at distance t
@@ -132,7 +136,7 @@ def bicubic_matrix(size_in: int, size_out: int, antialias: bool = False) -> np.n
         return 0.0
 
     weights = np.zeros((size_out, size_in), np.float64)
-    scale = size_in / size_out
+    scale = size_in / (size_out + offset)
     stretch = max(scale, 1.0) if antialias else 1.0
     for i in range(size_out):
         if antialias:  # PyTorch's `_compute_weights_aa`
@@ -150,14 +154,19 @@ def bicubic_matrix(size_in: int, size_out: int, antialias: bool = False) -> np.n
 
 
 def resize_positions(
-    pos: jax.Array, grid_in: tuple[int, int], grid_out: tuple[int, int], antialias: bool = False
+    pos: jax.Array,
+    grid_in: tuple[int, int],
+    grid_out: tuple[int, int],
+    antialias: bool = False,
+    offset: float = 0.0,
 ) -> jax.Array:
-    """Patch position embeddings [..., gh*gw, d], row-major on `grid_in` → on `grid_out` (in float32)."""
+    """Patch position embeddings [..., gh*gw, d], row-major on `grid_in` → on `grid_out` (in float32);
+    `antialias`, `offset`: see `bicubic_matrix`."""
     if grid_in == grid_out:
         return pos
     lead, dim = pos.shape[:-2], pos.shape[-1]
-    wh = jnp.asarray(bicubic_matrix(grid_in[0], grid_out[0], antialias), jnp.float32)  # [gh', gh]
-    ww = jnp.asarray(bicubic_matrix(grid_in[1], grid_out[1], antialias), jnp.float32)  # [gw', gw]
+    wh = jnp.asarray(bicubic_matrix(grid_in[0], grid_out[0], antialias, offset), jnp.float32)  # [gh', gh]
+    ww = jnp.asarray(bicubic_matrix(grid_in[1], grid_out[1], antialias, offset), jnp.float32)  # [gw', gw]
     table = pos.astype(jnp.float32).reshape(*lead, *grid_in, dim)
     out = jnp.einsum("ah,bw,...hwd->...abd", wh, ww, table, precision=jax.lax.Precision.HIGHEST)
     return out.reshape(*lead, grid_out[0] * grid_out[1], dim).astype(pos.dtype)
@@ -215,7 +224,9 @@ class Embeddings(nnx.Module):
         k, m = self.spec.prefix_tokens, self.spec.position_prefix  # prefix tokens, those with a position
         pos = self.position[...].reshape(1, -1, dim)  # [1, m + g*g, d]
         grid_in = (self.spec.grid, self.spec.grid)
-        patch_pos = resize_positions(pos[:, m:], grid_in, grid, self.spec.antialias_positions)
+        patch_pos = resize_positions(
+            pos[:, m:], grid_in, grid, self.spec.antialias_positions, self.spec.position_offset
+        )
         if k:
             prefix = [t[...].reshape(1, 1, dim) for t in (self.cls_token, self.dist_token) if t is not None]
             if self.register_tokens is not None:

@@ -9,6 +9,7 @@ response normalisation in the MLP (ConvNeXt-V2), one eps for every LayerNorm, an
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 

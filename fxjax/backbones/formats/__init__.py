@@ -1,4 +1,4 @@
-"""Torch-free, safe readers for checkpoint files: PyTorch (zip and legacy), safetensors, HF Flax msgpack.
+"""Torch-free, safe readers for checkpoint files: PyTorch (zip and legacy), safetensors, HF Flax msgpack, NumPy .npz.
 
 Checkpoints come from the internet, so they are untrusted input: PyTorch pickles go through an allow-list that
 can only rebuild tensors and containers, and every size a file claims is checked against the bytes actually
@@ -418,8 +418,12 @@ def _read_single(path: Path) -> dict[str, np.ndarray]:
         return read_flax_msgpack(path)
     if name.endswith(_TORCH_SUFFIXES):
         return read_torch(path)
+    if name.endswith(".npz"):
+        from fxjax.backbones.formats.npz import read_npz  # the module imports this one's names
+
+        return read_npz(path)
     raise CheckpointError(
-        f"{path}: unknown checkpoint suffix (expected .safetensors, .msgpack, .index.json, {_TORCH_SUFFIXES})"
+        f"{path}: unknown checkpoint suffix (expected .safetensors, .msgpack, .npz, .index.json, {_TORCH_SUFFIXES})"
     )
 
 
