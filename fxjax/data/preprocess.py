@@ -36,6 +36,7 @@ class PreprocessSpec:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     rescale: float = 1.0 / 255.0
     resample: str = "bilinear"  # "bilinear" | "bicubic" | "nearest" (PIL filters)
+    crop_round: bool = False  # centre-crop offset rounded (torchvision's CenterCrop: timm, open_clip), not floored (HF)
 
     def __post_init__(self) -> None:
         # Normalise list inputs (e.g. from JSON / ml_collections) so equality and hashing behave.
@@ -97,7 +98,10 @@ def resize_and_crop(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     w, h = pil.size
     s = spec.resize_shortest
     new_w, new_h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
+    if spec.crop_round:
+        top, left = round((new_h - height) / 2), round((new_w - width) / 2)
+    else:
+        top, left = (new_h - height) // 2, (new_w - width) // 2
     resized = pil.resize((new_w, new_h), _RESAMPLE[spec.resample])
     return np.asarray(resized.crop((left, top, left + width, top + height)))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 # Module names under fxjax.backbones.checkpoints, asked in this order.
-LAYOUTS: list[str] = []
+LAYOUTS: list[str] = ["open_clip"]
 
 
 def find_layout(path: Path) -> ModuleType | None:
