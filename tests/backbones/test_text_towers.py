@@ -49,10 +49,10 @@ def tiny_hf_model(kind: str):
     elif kind == "clip_text_model":
         model = T.CLIPTextModel(T.CLIPTextConfig(**TEXT, **ids))
     elif kind == "siglip":
-        config = T.SiglipConfig(text_config={**TEXT, **ids, "projection_size": 16}, vision_config=VISION)
+        config = T.SiglipConfig(text_config={**TEXT, **ids, "projection_size": 32}, vision_config=VISION)
         model = T.SiglipModel(config)
     else:
-        model = T.SiglipTextModel(T.SiglipTextConfig(**TEXT, **ids, projection_size=16))
+        model = T.SiglipTextModel(T.SiglipTextConfig(**TEXT, **ids, projection_size=32))
     return perturbed(model), tok
 
 
