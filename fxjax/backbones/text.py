@@ -36,7 +36,7 @@ class TextTower:
 
     def encode(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """texts → [n, e] text embeddings in the joint image-text space (not normalised), as the reference's
-        `get_text_features` / `encode_text`. Batches are padded to `batch_size` (one compiled shape)."""
+        `get_text_features` / `encode_text`. With several batches, the last is padded (one compiled shape)."""
         if isinstance(texts, str):
             raise ValueError(f"encode takes a list of texts, got the single string {texts!r}: wrap it in a list")
         chunks = []

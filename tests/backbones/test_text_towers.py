@@ -116,3 +116,11 @@ def test_missing_tokenizer_says_what_to_do(saved, tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="save the model's tokenizer there"):
         load_text_tower(str(tmp_path))
+
+
+def test_bfloat16_text_tower_is_close(saved):
+    _, _, folder = saved("clip")
+    full = load_text_tower(str(folder)).encode(PROMPTS)
+    half = load_text_tower(str(folder), dtype="bfloat16", param_dtype="bfloat16").encode(PROMPTS).astype(np.float32)
+    cosine = np.sum(full * half, -1) / np.linalg.norm(full, axis=-1) / np.linalg.norm(half, axis=-1)
+    assert np.all(cosine > 0.99), cosine

@@ -26,7 +26,8 @@ MODEL_TYPES = ("clip", "clip_text_model", "siglip", "siglip_text_model")
 # The pooled token: the first maximal id (OpenAI's EOT has the largest id), the first `eos_id`, the last, the first.
 POOLS = ("argmax", "eos", "last", "first")
 
-# HF CLIP / SigLIP encoder-layer names (as the vision towers'), and open_clip's residual-attention blocks.
+# HF CLIP / SigLIP encoder-layer names: the vision towers' (`clip.LAYER_NAMES`), copied (families never import
+# each other).
 HF_LAYER_NAMES = {
     r"self_attn\.q_proj": "attn.query",
     r"self_attn\.k_proj": "attn.key",
