@@ -14,7 +14,8 @@ from pathlib import Path
 from types import ModuleType
 
 # Module names under fxjax.backbones.checkpoints, asked in this order.
-LAYOUTS: list[str] = ["timm", "dinov2_hub", "big_vision"]
+# open_clip first: LAION-style folders carry a config.json beside open_clip_config.json.
+LAYOUTS: list[str] = ["open_clip", "timm", "dinov2_hub", "big_vision"]
 
 
 def find_layout(path: Path) -> ModuleType | None:
