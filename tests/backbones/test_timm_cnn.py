@@ -197,3 +197,25 @@ def test_defaults_table_matches_timm_registry(architecture):
     if architecture.startswith("convnext"):
         assert module.layernorm.epsilon == model.head.norm.eps
         assert module.stages[0].layers[0].layernorm.epsilon == model.stages[0].blocks[0].norm.eps
+
+
+def test_hub_layout_folder_loads_through_load_backbone(tmp_path):
+    """The whole path users take: a folder as timm pushes it to the Hub (config.json + model.safetensors),
+    `fxjax.load_backbone(folder)`, the timm layout's dispatch to these builders, and pretrained_cfg's
+    preprocessing."""
+    from timm.models._hub import save_for_hf
+
+    import fxjax
+
+    model_args = {**TINY_RESNET, "stem_width": 8}
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model("resnet50d", pretrained=False, **model_args))
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 41, 41), "crop_pct": 0.875}
+    save_for_hf(model, tmp_path / "resnet50d", model_args=model_args)
+    backbone = fxjax.load_backbone(str(tmp_path / "resnet50d"))
+    x = _inputs(41)  # NCHW
+    with torch.no_grad():
+        reference = model.forward_head(model.forward_features(torch.from_numpy(x)), pre_logits=True)
+    np.testing.assert_allclose(np.asarray(backbone.features(x.transpose(0, 2, 3, 1))), reference.numpy(), atol=1e-4)
+    assert backbone.info["model_type"] == "timm:resnet50d"
+    assert backbone.preprocess.size == (41, 41) and backbone.preprocess.resize_shortest == 46

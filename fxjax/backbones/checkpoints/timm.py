@@ -19,7 +19,7 @@ from flax import nnx
 
 from fxjax.backbones import formats
 from fxjax.backbones.backbone import Backbone
-from fxjax.backbones.checkpoints import timm_archs
+from fxjax.backbones.checkpoints import timm_archs, timm_cnn
 from fxjax.backbones.convert import Rule, load_state
 from fxjax.backbones.families import eva, timm_vit
 from fxjax.data.preprocess import PreprocessSpec
@@ -45,12 +45,8 @@ def _build_eva(architecture: str, args: dict, *, dtype, param_dtype) -> tuple[nn
 
 
 VIT_ARCHS: dict[str, Builder] = {"vit_": _build_vit, "deit3_": _build_vit, "eva02_": _build_eva}
-ARCHS: dict[str, Builder] = dict(VIT_ARCHS)
-# With the CNN builders present (fxjax/backbones/checkpoints/timm_cnn.py), they join the same registry.
-if (Path(__file__).parent / "timm_cnn.py").exists():
-    from fxjax.backbones.checkpoints import timm_cnn
-
-    ARCHS = {**VIT_ARCHS, **timm_cnn.ARCHS}
+# One registry: the transformers by name prefix, the CNNs (timm_cnn) by exact name.
+ARCHS: dict[str, Builder] = {**VIT_ARCHS, **timm_cnn.ARCHS}
 
 
 def read_config(folder: Path) -> tuple[str, dict, dict]:
