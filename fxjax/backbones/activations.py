@@ -7,7 +7,8 @@ from functools import partial
 
 import jax
 
-# transformers' ACT2FN names → JAX functions. "gelu" there is the exact (erf) form, "gelu_new" the tanh one.
+# transformers' ACT2FN names (and timm's / open_clip's) → JAX functions. "gelu" there is the exact (erf) form,
+# "gelu_new" the tanh one; "quick_gelu" is OpenAI CLIP's sigmoid approximation.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "relu6": jax.nn.relu6,
@@ -16,6 +17,9 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": partial(jax.nn.gelu, approximate=False),
     "gelu_new": partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": partial(jax.nn.gelu, approximate=True),
+    "gelu_tanh": partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
 }
 
 

@@ -21,7 +21,6 @@ Take "CLS of the last N blocks" as `block_cls[:, -N:]` (or `block_cls_normed[:, 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -30,26 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fxjax.backbones.activations import activation
 from fxjax.backbones.convert import Rule
 from fxjax.backbones.layers import dot_general, matmul
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": partial(jax.nn.gelu, approximate=False),
-    "gelu_new": partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
-    "gelu_fast": partial(jax.nn.gelu, approximate=True),
-    "gelu_tanh": partial(jax.nn.gelu, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
-
-
-def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unsupported hidden_act {name!r}; supported: {', '.join(sorted(ACTIVATIONS))}")
-    return ACTIVATIONS[name]
 
 
 @dataclass(frozen=True)

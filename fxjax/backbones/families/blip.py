@@ -12,7 +12,7 @@ import jax
 from flax import nnx
 
 from fxjax.backbones.convert import Rule
-from fxjax.backbones.families.clip import LAYER_NAMES, vision_config
+from fxjax.backbones.hf_names import LAYER_NAMES, vision_config
 from fxjax.backbones.transformer import TransformerSpec, VisionTransformer, block_rules, norm_rules, patch_rules
 
 

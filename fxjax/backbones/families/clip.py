@@ -14,31 +14,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fxjax.backbones.convert import Rule
+from fxjax.backbones.hf_names import tower_rules, vision_config
 from fxjax.backbones.transformer import (
     TransformerSpec,
     VisionTransformer,
-    block_rules,
     linear_rules,
     norm_rules,
-    patch_rules,
 )
-
-# HF CLIP / SigLIP / BLIP encoder-layer names.
-LAYER_NAMES = {
-    r"self_attn\.q_proj": "attn.query",
-    r"self_attn\.k_proj": "attn.key",
-    r"self_attn\.v_proj": "attn.value",
-    r"self_attn\.out_proj": "attn.out",
-    r"mlp\.fc1": "mlp.fc1",
-    r"mlp\.fc2": "mlp.fc2",
-    "layer_norm1": "norm1",
-    "layer_norm2": "norm2",
-}
-
-
-def vision_config(config):
-    """The vision tower's config of a full image-text checkpoint, or the config itself."""
-    return getattr(config, "vision_config", None) or config
 
 
 def spec(config) -> TransformerSpec:
@@ -76,18 +58,6 @@ class CLIPVision(VisionTransformer):
 def build(config, *, dtype, param_dtype, rngs: nnx.Rngs) -> CLIPVision:
     projection_dim = config.projection_dim if config.model_type == "clip" else None
     return CLIPVision(spec(config), projection_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-
-def tower_rules(prefix: str) -> list[Rule]:
-    """The embeddings, encoder and post-layernorm of a CLIP-style vision tower (CLIP and SigLIP naming)."""
-    return [
-        Rule(rf"{prefix}embeddings\.class_embedding", "embeddings.cls_token"),
-        Rule(rf"{prefix}embeddings\.position_embedding\.(?:weight|embedding)", "embeddings.position"),
-        *patch_rules(rf"{prefix}embeddings\.patch_embedding"),
-        *block_rules(rf"{prefix}encoder\.layers\.(\d+)", LAYER_NAMES),
-        *norm_rules(rf"{prefix}post_layernorm", "norm"),
-        Rule(r".*position_ids", None),  # a buffer that older checkpoints saved
-    ]
 
 
 def conversion_rules(config) -> list[Rule]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from flax import nnx
 
 from fxjax.backbones.convert import Rule
-from fxjax.backbones.families.vit import ATTENTION_NAMES, embedding_rules
+from fxjax.backbones.hf_names import ATTENTION_NAMES, embedding_rules
 from fxjax.backbones.transformer import TransformerSpec, VisionTransformer, block_rules
 
 

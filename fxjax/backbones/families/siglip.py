@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fxjax.backbones.convert import Rule
-from fxjax.backbones.families.clip import tower_rules, vision_config
+from fxjax.backbones.hf_names import tower_rules, vision_config
 from fxjax.backbones.transformer import (
     Mlp,
     TransformerSpec,

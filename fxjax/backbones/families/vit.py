@@ -12,15 +12,8 @@ from __future__ import annotations
 from flax import nnx
 
 from fxjax.backbones.convert import Rule
-from fxjax.backbones.transformer import TransformerSpec, VisionTransformer, block_rules, norm_rules, patch_rules
-
-# HF ViT / DeiT / DINOv2 attention names (shared by `dinov2`).
-ATTENTION_NAMES = {
-    r"attention\.attention\.query": "attn.query",
-    r"attention\.attention\.key": "attn.key",
-    r"attention\.attention\.value": "attn.value",
-    r"attention\.output\.dense": "attn.out",
-}
+from fxjax.backbones.hf_names import ATTENTION_NAMES, embedding_rules
+from fxjax.backbones.transformer import TransformerSpec, VisionTransformer, block_rules
 
 
 def spec(config) -> TransformerSpec:
@@ -29,18 +22,6 @@ def spec(config) -> TransformerSpec:
 
 def build(config, *, dtype, param_dtype, rngs: nnx.Rngs) -> VisionTransformer:
     return VisionTransformer(spec(config), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-
-def embedding_rules(prefix: str) -> list[Rule]:
-    """HF `embeddings.*` names shared by ViT, DeiT and DINOv2."""
-    return [
-        Rule(rf"{prefix}embeddings\.cls_token", "embeddings.cls_token"),
-        Rule(rf"{prefix}embeddings\.distillation_token", "embeddings.dist_token"),
-        Rule(rf"{prefix}embeddings\.position_embeddings", "embeddings.position"),
-        Rule(rf"{prefix}embeddings\.mask_token", None),  # masked-image-modelling input, unused here
-        *patch_rules(rf"{prefix}embeddings\.patch_embeddings\.projection"),
-        *norm_rules(rf"{prefix}layernorm", "norm"),
-    ]
 
 
 def conversion_rules(config) -> list[Rule]:
