@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fxjax.backbones.activations import ACTIVATIONS
 from fxjax.backbones.convert import Rule
 from fxjax.backbones.layers import dot_general
 from fxjax.backbones.transformer import (
-    ACTIVATIONS,
     Mlp,
     TransformerSpec,
     VisionTransformer,

@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fxjax.backbones.activations import ACTIVATIONS
 from fxjax.backbones.convert import Rule
 from fxjax.backbones.layers import dot_general
 from fxjax.backbones.transformer import (
-    ACTIVATIONS,
     Mlp,
     TransformerSpec,
     VisionTransformer,
