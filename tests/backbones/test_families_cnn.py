@@ -16,6 +16,8 @@ import fxjax
 from fxjax.backbones import families as models
 from fxjax.backbones.convert import path_str
 from fxjax.data.preprocess import preprocess_image
+from fxjax.heads import freeze
+from fxjax.heads.heads import Classifier, Head
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -213,21 +215,31 @@ def test_frozen_stages_get_no_gradient_and_stage_paths_cover_every_parameter(con
     module = nnx.merge(graphdef, state)
     stages = module.stage_paths()
     frozen = 2
-    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    # Freezing is the training step's parameter filter (fxjax.heads.freeze), never the module's own business.
+    model = Classifier(module, Head(module(jnp.zeros((1, 32, 32, 3)))["pooled"].shape[-1], 3, init_std=0.1,
+                                    rngs=nnx.Rngs(0)))  # fmt: skip
+    is_trainable = freeze.trainable(freeze.frozen_patterns(str(frozen), stages))
+    graphdef, params, rest = freeze.split_trainable(model, is_trainable)
     x = jnp.asarray(rng.standard_normal((2, 32, 32, 3)), jnp.float32)
 
     def loss(params):
-        return jnp.sum(nnx.merge(graphdef, params, rest)(x, frozen_stages=frozen)["pooled"] ** 2)
+        return jnp.sum(nnx.merge(graphdef, params, jax.lax.stop_gradient(rest))(x) ** 2)
 
     grads = jax.jit(jax.grad(loss))(params)
     norms = [0.0] * len(stages)
     for path, grad in nnx.to_flat_state(grads):
         key = path_str(path)
+        if key.startswith("head."):
+            continue
+        key = key.removeprefix("backbone.")
         owners = [i for i, prefixes in enumerate(stages) if any(key.startswith(f"{p}.") for p in prefixes)]
         assert len(owners) == 1, key
         norms[owners[0]] += float(jnp.sum(jnp.abs(grad.get_value())))
-    assert norms[:frozen] == [0.0] * frozen
+    assert norms[:frozen] == [0.0] * frozen  # frozen stages: not even in the differentiated tree
     assert all(n > 0 for n in norms[frozen:])
+    every = {path_str(p).removeprefix("backbone.") for p, _ in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    covered = {k for k in every for prefixes in stages for p in prefixes if k.startswith(f"{p}.")}
+    assert covered == every  # stage_paths cover every parameter
 
 
 def test_efficientnet_processor_constants_match_the_reference(tmp_path):
