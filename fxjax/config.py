@@ -255,8 +255,28 @@ def validate(c: ml_collections.ConfigDict) -> None:
         c.optimizer.schedule in ("cosine", "constant"),
         f"config.optimizer.schedule={c.optimizer.schedule!r}: use 'cosine' or 'constant'",
     )
-    check(c.batch_size > 0 and c.eval_batch_size > 0, "config.batch_size and config.eval_batch_size must be > 0")
-    check(c.num_epochs > 0, f"config.num_epochs={c.num_epochs}: must be > 0")
+    for key in (
+        "batch_size", "eval_batch_size", "num_epochs", "eval_every_epochs", "log_every_steps",
+        "checkpoint.keep", "checkpoint.every_epochs",
+    ):  # fmt: skip
+        value = c
+        for part in key.split("."):
+            value = value[part]
+        check(value > 0, f"config.{key}={value}: must be > 0")
+    check(c.image_size is None or c.image_size > 0, f"config.image_size={c.image_size}: must be > 0")
+    check(c.data.worker_count >= 0, f"config.data.worker_count={c.data.worker_count}: must be >= 0")
+    k = c.data.few_shot_k
+    check(k is None or k > 0, f"config.data.few_shot_k={k}: must be > 0")
+    check(all(k > 0 for k in c.fewshot.ks), f"config.fewshot.ks={tuple(c.fewshot.ks)}: every k must be > 0")
+    check(
+        all(isinstance(v, (int, float)) and v > 0 for v in c.sweep.learning_rates),
+        f"config.sweep.learning_rates={tuple(c.sweep.learning_rates)}: numbers > 0",
+    )
+    check(
+        all(isinstance(v, (int, float)) and v >= 0 for v in c.sweep.weight_decays),
+        f"config.sweep.weight_decays={tuple(c.sweep.weight_decays)}: numbers >= 0",
+    )
+    check(c.optimizer.learning_rate > 0, f"config.optimizer.learning_rate={c.optimizer.learning_rate}: must be > 0")
     check(
         c.dtype in ("float32", "bfloat16") and c.param_dtype in ("float32", "bfloat16"),
         "config.dtype and config.param_dtype must be 'float32' or 'bfloat16'",

@@ -7,7 +7,8 @@
 lists every key, its default and what it means); --config.KEY=VALUE overrides any key.
 
 Rerunning the same command on the same workdir resumes from its last checkpoint. Exit status: 0 done,
-1 training diverged (NaN/Inf loss), 2 bad input, 75 preempted by SIGTERM (checkpoint saved; rerun to resume).
+1 training diverged (NaN/Inf loss), 2 bad input, 75 preempted by SIGTERM or Ctrl-C (checkpoint saved; rerun to
+resume), 130 Ctrl-C before training started.
 
 Multi-host: every process runs the same command. Under SLURM (`launch/slurm.sbatch`) or Open MPI nothing more is
 needed; on a Cloud TPU pod add `--distributed` (`launch/tpu_pod.sh`); elsewhere name the coordinator:
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except experiment.Preempted as err:
         print(str(err), file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # before training started (loading, extraction): nothing of the run to save
+        print("interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
     except NonFiniteLossError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -39,7 +39,7 @@ log = logging.getLogger("fxjax")
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; a checkpoint at the current step was saved. Rerunning the command resumes."""
+    """SIGTERM or Ctrl-C arrived; a checkpoint at the current step was saved. Rerunning the command resumes."""
 
     def __init__(self, step: int, run: RunDir):
         super().__init__(
@@ -76,6 +76,12 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
 
 def _run(setup: Setup, run: RunDir) -> dict:
     config, data = setup.config, setup.data
+    for split in ("train", "val", "test"):
+        if len(data.splits[split]) == 0:
+            raise ValueError(
+                f"the {split} split of {data.name} is empty (config.data.val_fraction / test_fraction carve val "
+                "and test where a dataset has none): the run could not be selected or scored"
+            )
     setup.record(run)
     steps_per_epoch = len(data.splits["train"]) // config.batch_size
     if steps_per_epoch == 0:
@@ -100,6 +106,9 @@ def _run(setup: Setup, run: RunDir) -> dict:
     writer = None
     try:
         state, targets = _restore(engine, checkpoints, inputs.train)
+        if state.step >= total_steps and run.has(RunDir.SUMMARY):
+            log.info("the run in %s is finished; its record is left as it is", run.path)
+            return run.read(RunDir.SUMMARY)
         writer = MetricsWriter(run, resume_step=state.step)
         seconds, examples = _fit(config, engine, state, inputs, checkpoints, writer, steps_per_epoch, total_steps, run)
         checkpoints.wait()
@@ -286,23 +295,28 @@ def _best_first(checkpoints: Checkpoints) -> list[int]:
 
 
 class _TermFlag:
-    """Turns SIGTERM into a flag the loop checks after each step (only the main thread may set handlers)."""
+    """Turns SIGTERM (a preemption) and a first Ctrl-C into a flag the loop checks after each step, so both end in
+    a checkpoint at the current step; a second Ctrl-C interrupts at once. Only the main thread may set handlers."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.raised = False
-        self.previous = None
+        self.previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         self.raised = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def _loader_state(iterator) -> dict:

@@ -74,9 +74,12 @@ class Setup:
         )
 
     def record(self, run: RunDir) -> None:
-        """Checks that `run` may be (re)started with this setup, then writes config.json and environment.json."""
+        """Checks that `run` may be (re)started with this setup, then writes config.json and environment.json
+        (a finished run's record is never rewritten)."""
+        if run.has(RunDir.CONFIG) and (run.checkpoints.exists() or run.has(RunDir.SUMMARY)):
+            check_same_meaning(run, run.read(RunDir.CONFIG), self.config.to_dict())
         check_resumable(run, self.backbone, self.data)
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and not run.has(RunDir.SUMMARY):
             run.write(RunDir.CONFIG, self.config.to_dict())
             run.write(RunDir.ENVIRONMENT, self.environment())
 
@@ -88,6 +91,40 @@ class Setup:
             dataset=data.name,
             class_names=data.class_names,
             dataset_fingerprint=data.fingerprint,
+        )
+
+
+# Settings a rerun or resume may change: how the work is done, not what it computes (docs/reliability.md).
+RERUN_FREE = (
+    "data.worker_count", "cache_dir", "log_every_steps", "eval_batch_size", "mesh.data", "mesh.fsdp",
+    "checkpoint.keep",
+)  # fmt: skip
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = list(value) if isinstance(value, (tuple, list)) else value
+    return out
+
+
+def check_same_meaning(run: RunDir, recorded: dict, config: dict) -> None:
+    """A run directory is the record of one experiment: a config that would change what its results mean (data,
+    split, backbone, preprocessing, head, optimisation, protocol) is refused, naming every key that changed."""
+    old, new = _flat(recorded), _flat(config)
+    free = set(RERUN_FREE)
+    if new.get("sweep.learning_rates") or new.get("sweep.weight_decays"):
+        free |= {"optimizer.learning_rate", "optimizer.weight_decay"}  # config.json records the sweep's winner
+    changed = sorted(k for k in old.keys() | new.keys() if k not in free and old.get(k) != new.get(k))
+    if changed:
+        shown = ", ".join(f"{k} ({old.get(k)!r} → {new.get(k)!r})" for k in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise ValueError(
+            f"workdir {str(run.path)!r} holds a run made with another config: {shown}{more} changed; that would "
+            "change what its results mean: use a new --workdir"
         )
 
 

@@ -84,15 +84,17 @@ def test_sigkill_at_random_points_then_rerun_is_bitwise_identical(tmp_path):
     assert _eval_records(workdir) == _eval_records(reference)
 
 
-def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_cleanly(tmp_path, sig):
     proc = _launch(tmp_path)
     deadline = time.time() + 300
     while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
         assert proc.poll() is None and time.time() < deadline, "the run ended before training started"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(timeout=120) == 75
-    assert "preempted at step" in proc.stderr.read()
+    stderr = proc.stderr.read()
+    assert "preempted at step" in stderr and "Traceback" not in stderr
     steps = Checkpoints(tmp_path / "checkpoints").manager.all_steps()
     assert steps, "no checkpoint was saved on SIGTERM"
     assert _launch(tmp_path).wait(timeout=600) == 0
