@@ -256,7 +256,8 @@ def write_report(workdir: str | Path, *, dataset=None, max_misclassified: int = 
 
     for name, data in figures.values():
         run.dir.write(name, data)
-    return run.dir.write(RunDir.REPORT, _report_html(run, figures, notes, sweep, fewshot))
+    probes = run.dir.read(RunDir.PROBES, default={}) or None
+    return run.dir.write(RunDir.REPORT, _report_html(run, figures, notes, sweep, fewshot, probes))
 
 
 def _test_split(run: Run, dataset, expected: int):
@@ -399,7 +400,9 @@ _CAPTIONS = {
 }
 
 
-def _report_html(run: Run, figures: dict, notes: dict, sweep: dict | None, fewshot: dict | None) -> str:
+def _report_html(
+    run: Run, figures: dict, notes: dict, sweep: dict | None, fewshot: dict | None, probes: dict | None = None
+) -> str:
     s, c, env = run.summary, run.config, run.environment
     backbone = env.get("backbone", {})
     cards = [
@@ -446,15 +449,35 @@ def _report_html(run: Run, figures: dict, notes: dict, sweep: dict | None, fewsh
             body.append(_figure(section, figures[section][1], caption))
         if section == "sweep" and sweep.get("best"):
             best = sweep["best"]
-            body.append(_table(list(best), [list(best.values())], table_id="sweep-best"))
+            keys = ("variant", "learning_rate", "weight_decay", "val_accuracy", "test_accuracy")
+            body.append(
+                "<p>The run's head: the best of the sweep on validation.</p>"
+                + _table(
+                    ["variant", "learning rate", "weight decay", "val accuracy", "test accuracy"],
+                    [[_num(best.get(k), 4) if "accuracy" in k else best.get(k) for k in keys]],
+                    table_id="sweep-best",
+                )
+            )
         if section in notes:
             body.append(f"<p class=note>{html.escape(notes[section])}</p>")
         body.append("</section>")
+    if probes is not None:
+        rows = [
+            [p.get("name"), f"{p.get('param')}={_num(p.get('best'))}", _num(p.get("val_accuracy"), 4),
+             _num(p.get("test_accuracy"), 4)]
+            for p in probes.get("probes", [])
+        ]  # fmt: skip
+        body.append(
+            '<section id="probes"><h2>Probes on the cached features</h2>'
+            + _table(["probe", "chosen", "val accuracy", "test accuracy"], rows, table_id="probes-table")
+            + "</section>"
+        )
     if fewshot is not None:
         rows = [
-            [r.get("k"), r.get("probe"), _num(r.get("mean"), 4), _num(r.get("std"), 4), r.get("seeds")]
+            [r.get("k"), r.get("probe"), _num(r.get("mean_accuracy"), 4), _num(r.get("std_accuracy"), 4),
+             len(r.get("seeds") or [])]
             for r in fewshot.get("rows", [])
-        ]
+        ]  # fmt: skip
         body.append(
             '<section id="fewshot"><h2>Few-shot accuracy</h2>'
             + _table(["k", "probe", "mean accuracy", "std", "seeds"], rows, table_id="fewshot-table")

@@ -19,6 +19,7 @@ from PIL import Image
 from tiny_run import tiny_run
 
 from fxjax.cli import report as report_cli
+from fxjax.runs import experiment
 from fxjax.runs.metrics import read_metrics
 
 FIGURES = ("curves", "confusion-matrix", "per-class-accuracy", "misclassified")
@@ -125,28 +126,29 @@ def test_report_embeds_curves_confusion_and_misclassified_images(report, run):
     assert details["backbone"] == "efficientnet-lite0" and details["dataset"] == "digits"
 
 
-def test_sweep_heatmap_and_fewshot_table_when_their_files_exist(run, tmp_path):
-    workdir = _copy_run(run, tmp_path / "run")
-    table = [
-        {
-            "variant": v,
-            "learning_rate": lr,
-            "weight_decay": wd,
-            "val_accuracy": 0.5 + lr + wd,
-            "test_accuracy": 0.5,
-        }
-        for v in ("pooled", "cls+mean")
-        for lr in (0.1, 0.01)
-        for wd in (0.0, 1e-4)
-    ]
-    (workdir / "sweep.json").write_text(json.dumps({"table": table, "best": table[1]}))
-    rows = [{"k": k, "probe": "ridge", "mean": 0.5 + k / 100, "std": 0.01, "seeds": 3} for k in (1, 5, 10)]
-    (workdir / "fewshot.json").write_text(json.dumps({"rows": rows}))
-    page = _parse(_write_report(workdir))
+def test_sweep_probes_and_fewshot_sections_show_what_a_real_run_wrote(tmp_path):
+    """On the files a real run writes (never hand-made fixtures): the sweep heatmap and its best row, the probes'
+    table and the few-shot table, with the numbers of sweep.json, probes.json and fewshot.json."""
+    from tiny_run import tiny_config
+
+    config = tiny_config()
+    config.sweep.learning_rates, config.sweep.weight_decays = (1e-3, 1e-2), (0.0, 1e-4)
+    config.probes, config.fewshot.ks, config.fewshot.seeds = ("ridge",), (1, 5), (0, 1)
+    experiment.run(config, tmp_path / "run")
+    workdir = tmp_path / "run"
+    page = _parse(workdir / "report.html")
+    sweep, probes = json.loads((workdir / "sweep.json").read_text()), json.loads((workdir / "probes.json").read_text())
+    fewshot = json.loads((workdir / "fewshot.json").read_text())["rows"]
     assert len(page.images["sweep"]) == 1 and _decode(page.images["sweep"][0])[1].width > 200
-    fewshot = page.rows["fewshot-table"]
-    assert fewshot[0] == ["k", "probe", "mean accuracy", "std", "seeds"]
-    assert [r[0] for r in fewshot[1:]] == ["1", "5", "10"] and fewshot[2][2] == "0.5500"
+    best = page.rows["sweep-best"]
+    assert best[0][0] == "variant" and best[1][3] == f"{sweep['best']['val_accuracy']:.4f}"
+    assert page.rows["probes-table"][1][0] == "ridge"
+    assert page.rows["probes-table"][1][3] == f"{probes['probes'][0]['test_accuracy']:.4f}"
+    table = page.rows["fewshot-table"]
+    assert table[0] == ["k", "probe", "mean accuracy", "std", "seeds"]
+    assert [r[0] for r in table[1:]] == ["1", "5"]
+    assert table[1][2] == f"{fewshot[0]['mean_accuracy']:.4f}" and table[1][3] == f"{fewshot[0]['std_accuracy']:.4f}"
+    assert table[1][4] == "2"
 
 
 def test_without_the_dataset_the_rest_of_the_report_is_still_written(run, tmp_path):
