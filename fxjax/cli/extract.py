@@ -29,19 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             config_lib.override(config, key, value)
         setup = Setup.from_config(config)
         config, backbone, data = setup.config, setup.backbone, setup.data
-        variants = ("pooled", *(v for v in config.sweep.feature_variants if v != "pooled"))
-        feats, _, hits = extract.cached_features(
-            backbone,
-            data,
-            mesh=setup.mesh,
-            batch_size=config.eval_batch_size,
-            cache_dir=config.cache_dir,
-            dtype=config.dtype,
-            param_dtype=config.param_dtype,
-            worker_count=config.data.worker_count,
-            param_sharding=setup.param_sharding,
-            variants=variants,
-        )
+        feats, _, hits = setup.cached_features()
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

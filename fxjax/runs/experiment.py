@@ -25,7 +25,6 @@ from fxjax.data import images
 from fxjax.data.features import FeatureBatches, feature_eval_batches
 from fxjax.data.sources import split_labels
 from fxjax.evaluate import protocols
-from fxjax.features import extract
 from fxjax.heads import freeze
 from fxjax.heads.engine import Engine, NonFiniteLossError, TrainState, head_rows, score, select
 from fxjax.heads.heads import Classifier, make_head
@@ -147,21 +146,10 @@ def _run(setup: Setup, run: RunDir) -> dict:
 def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
     """Heads on features extracted once (or read from the cache): one group per feature variant, each with the
     sweep's grid of (learning rate, weight decay) heads, or the optimizer's one head."""
-    config, data, backbone = setup.config, setup.data, setup.backbone
-    variants = ("pooled", *(v for v in config.sweep.feature_variants if v != "pooled"))
+    config, data = setup.config, setup.data
+    variants = setup.variants
     start = time.perf_counter()
-    feats, labels, hits = extract.cached_features(
-        backbone,
-        data,
-        mesh=setup.mesh,
-        batch_size=config.eval_batch_size,
-        cache_dir=config.cache_dir,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        worker_count=config.data.worker_count,
-        param_sharding=setup.param_sharding,
-        variants=variants,
-    )
+    feats, labels, hits = setup.cached_features()
     extras = {"feature_cache_hits": hits, "extract_seconds": time.perf_counter() - start}
     entries, files = protocols.on_features(config, feats, labels, data.num_classes)
     if jax.process_index() == 0:

@@ -73,6 +73,30 @@ class Setup:
             cache_dir=self.config.cache_dir,  # where `verify` keeps a folder's index of unreadable files
         )
 
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The feature variants a run's heads train on: pooled, plus the sweep's others."""
+        return ("pooled", *(v for v in self.config.sweep.feature_variants if v != "pooled"))
+
+    def cached_features(self):
+        """Every split's features from the cache, extracted into it first where missing: → (features {split:
+        {variant: [n, d]}}, labels {split: [n]}, hits {split: bool})."""
+        from fxjax.features import extract
+
+        c = self.config
+        return extract.cached_features(
+            self.backbone,
+            self.data,
+            mesh=self.mesh,
+            batch_size=c.eval_batch_size,
+            cache_dir=c.cache_dir,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            worker_count=c.data.worker_count,
+            param_sharding=self.param_sharding,
+            variants=self.variants,
+        )
+
     def record(self, run: RunDir) -> None:
         """Checks that `run` may be (re)started with this setup, then writes config.json and environment.json
         (a finished run's record is never rewritten)."""

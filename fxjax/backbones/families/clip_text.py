@@ -19,25 +19,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fxjax.backbones.convert import Rule
+from fxjax.backbones.hf_names import LAYER_NAMES
 from fxjax.backbones.transformer import Attention, Block, TransformerSpec, block_rules, layer_norm, linear_rules
 
 MODEL_TYPES = ("clip", "clip_text_model", "siglip", "siglip_text_model")
 
 # The pooled token: the first maximal id (OpenAI's EOT has the largest id), the first `eos_id`, the last, the first.
 POOLS = ("argmax", "eos", "last", "first")
-
-# HF CLIP / SigLIP encoder-layer names: the vision towers' (`clip.LAYER_NAMES`), copied (families never import
-# each other).
-HF_LAYER_NAMES = {
-    r"self_attn\.q_proj": "attn.query",
-    r"self_attn\.k_proj": "attn.key",
-    r"self_attn\.v_proj": "attn.value",
-    r"self_attn\.out_proj": "attn.out",
-    r"mlp\.fc1": "mlp.fc1",
-    r"mlp\.fc2": "mlp.fc2",
-    "layer_norm1": "norm1",
-    "layer_norm2": "norm2",
-}
 
 
 @dataclass(frozen=True)
@@ -182,7 +170,7 @@ def conversion_rules(config) -> list[Rule]:
     rules = [
         Rule(rf"{prefix}embeddings\.token_embedding\.(?:weight|embedding)", "token_embedding"),
         Rule(rf"{prefix}embeddings\.position_embedding\.(?:weight|embedding)", "position"),
-        *block_rules(rf"{prefix}encoder\.layers\.(\d+)", HF_LAYER_NAMES),
+        *block_rules(rf"{prefix}encoder\.layers\.(\d+)", LAYER_NAMES),
         Rule(rf"{prefix}final_layer_norm\.(?:weight|scale)", "norm.scale"),
         Rule(rf"{prefix}final_layer_norm\.bias", "norm.bias"),
         *linear_rules(rf"{prefix}head", "projection"),
