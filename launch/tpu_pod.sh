@@ -1,7 +1,7 @@
 #!/bin/bash
 # Runs the same `launch.train` command on every worker of a Cloud TPU pod slice (one process per host).
 #
-#   TPU=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh configs/vit_b16_cifar100.py /mnt/shared/runs/vit \
+#   TPU=my-v4-32 ZONE=us-central2-b launch/tpu_pod.sh configs/vit_b16_cifar10.py /mnt/shared/runs/vit \
 #       --config.mesh.fsdp=4
 #
 # Every worker needs this repository at ~/fxjax with its dependencies installed (e.g. once:
