@@ -23,7 +23,7 @@ from flax import nnx
 
 from fxjax import parallel
 from fxjax.heads.freeze import split_trainable
-from fxjax.heads.optim import cross_entropy, make_optimizer
+from fxjax.heads.optim import cross_entropy, make_optimizer, schedule
 
 Hyper = Mapping[str, Sequence[float]]  # {"learning_rate": [H], "weight_decay": [H]}
 
@@ -51,6 +51,29 @@ class _Overrides:
 
 def _stack(tree, heads: int):
     return jax.tree.map(lambda a: jnp.broadcast_to(jnp.asarray(a), (heads, *np.shape(a))), tree)
+
+
+class StepMetrics(Mapping):
+    """One step's metrics, read from the device on first use (or when the engine checks them)."""
+
+    def __init__(self, engine: Engine, stats: dict, step: int):
+        self._engine, self._stats, self.step = engine, stats, step
+        self._values: dict[str, float] | None = None
+
+    def check(self) -> dict[str, float]:
+        if self._values is None:
+            self._values = self._engine._summarise(self._stats, self.step)
+            self._stats = None
+        return self._values
+
+    def __getitem__(self, key: str) -> float:
+        return self.check()[key]
+
+    def __iter__(self):
+        return iter(self.check())
+
+    def __len__(self) -> int:
+        return len(self.check())
 
 
 class Engine:
@@ -81,6 +104,8 @@ class Engine:
         self.heads = {g: len(hyper[g]["learning_rate"]) for g in self.groups}
         self.num_classes, self.opt_config, self.total_steps = num_classes, opt_config, total_steps
         self.key = jax.random.key(seed)
+        self.schedule = schedule(opt_config, total_steps)
+        self._pending: StepMetrics | None = None
         self.repl, self.batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
         self.graphdefs, params, frozen, frozen_layout = {}, {}, {}, {}
         for g, model in models.items():
@@ -173,9 +198,10 @@ class Engine:
         params = jax.device_put(self.params_init, self.repl)
         return TrainState(0, params, self._init_opt(params, self.hyper))
 
-    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        """One step of every head. The metrics are the mean over heads whose loss is finite; an error only when no
-        head's is (a single head: its loss)."""
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, StepMetrics]:
+        """One step of every head. Its metrics (the mean over heads whose loss is finite) are read from the device
+        only when used, and the previous step's are checked now, while this one computes: the host never waits on
+        the step it has just dispatched. `finish()` checks the last step."""
         key = jax.random.fold_in(self.key, state.step)  # dropout noise depends on the step alone: resumable
         global_batch = {
             "x": parallel.to_global(batch["x"], self.batch_sharding)
@@ -186,20 +212,27 @@ class Engine:
         params, opt_state, stats = self._train(
             state.params, state.opt_state, self.frozen, self.hyper, global_batch, key
         )
+        metrics = StepMetrics(self, stats, state.step + 1)
+        previous, self._pending = self._pending, metrics
+        if previous is not None:
+            previous.check()
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    def finish(self) -> None:
+        """Checks the last step's loss (raises NonFiniteLossError when every head's is NaN/Inf)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.check()
+
+    def _summarise(self, stats: dict, step: int) -> dict[str, float]:
         stats = {k: np.concatenate([np.asarray(stats[g][k]) for g in self.groups]) for k in stats[self.groups[0]]}
         finite = np.isfinite(stats["loss"])
         if not finite.any():
-            raise NonFiniteLossError(f"loss is {stats['loss'][0]} at step {state.step + 1}")
+            raise NonFiniteLossError(f"loss is {stats['loss'][0]} at step {step}")
         metrics = {k: float(np.mean(v[finite])) for k, v in stats.items()}
         if sum(self.heads.values()) == 1:
-            metrics["learning_rate"] = float(self.schedule(state.step))
-        return TrainState(state.step + 1, params, opt_state), metrics
-
-    @property
-    def schedule(self) -> optax.Schedule:
-        from fxjax.heads.optim import schedule
-
-        return schedule(self.opt_config, self.total_steps)
+            metrics["learning_rate"] = float(self.schedule(step - 1))
+        return metrics
 
     def evaluate(self, params, batches: Iterator[dict]) -> dict:
         """group → {"accuracy": [H], "loss": [H], "predictions": [n, H]} over every real (mask True) example, and

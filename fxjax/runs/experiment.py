@@ -363,16 +363,20 @@ def _fit(config, engine: Engine, state: TrainState, inputs: Inputs, checkpoints:
             state, metrics = engine.train_step(state, next(inputs.train))
             seconds += time.perf_counter() - start
             examples += config.batch_size
-            bar.update(1, loss=metrics["loss"], img_s=examples / seconds)
-            if state.step % config.log_every_steps == 0:
+            if state.step % config.log_every_steps == 0:  # reading metrics waits for the step: only when logged
                 writer.write(state.step, "train", {**metrics, "images_per_second": examples / seconds})
+                bar.update(1, loss=metrics["loss"], img_s=examples / seconds)
+            else:
+                bar.update(1)
             scheduled = state.step % eval_every == 0 or state.step % save_every == 0 or state.step == total_steps
             if scheduled:
+                engine.finish()  # the step about to be saved had a finite loss
                 val = _best_val(engine.evaluate(state.params, inputs.eval("val")), engine.groups)
                 writer.write(state.step, "val", {"accuracy": val["val_accuracy"], "loss": val["loss"]})
                 _save(checkpoints, state, inputs.train, val)
             stop = _agreed(term.raised)
             if stop and not scheduled:
+                engine.finish()
                 _save(checkpoints, state, inputs.train, None)  # no metrics: never competes for best
             if stop:
                 checkpoints.wait()
