@@ -12,13 +12,14 @@ a file whose size or mtime changed since is read again. Prints a JSON summary; e
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from fxjax.cli.main import command_parser
+
+    parser = command_parser("verify", __doc__)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--folder", help="the dataset folder (class subfolders, or train/ val/ test/ of them)")
     what.add_argument("--config", help="a config file whose config.data.source is folder:<path>")

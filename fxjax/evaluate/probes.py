@@ -417,10 +417,10 @@ def logistic_path(
     cs = np.asarray(Cs, np.float64).reshape(-1)
     if cs.size == 0 or np.any(cs <= 0):
         raise ValueError(f"Cs must be a non-empty list of positive numbers, got {Cs}")
-    xs, onehot, mean, std = _solver_inputs(x, y, num_classes, standardize)
-    params, fits = _zeros(x.shape[1], num_classes), {}
+    inputs = _solver_inputs(x, y, num_classes, standardize)
+    params, fits = _zeros(x.shape[1], num_classes, inputs.replicate), {}
     for i in np.argsort(cs, kind="stable"):
-        fits[i], params = _logistic_solve(xs, onehot, mean, std, float(cs[i]), params, max_iter, tol)
+        fits[i], params = _logistic_solve(inputs, float(cs[i]), params, max_iter, tol)
     return [fits[i] for i in range(cs.size)]
 
 

@@ -47,9 +47,9 @@ class _ViewShard:
             record = self.source[index]
             rng = view_rng(self.seed, view, index, len(self.source))
             pixels = augment_image(record["image"], self.spec, rng)
-            return {"image": pixels, "label": np.int32(record["label"]), "mask": np.True_}
+            return {"x": pixels, "label": np.int32(record["label"]), "mask": np.True_}
         height, width = self.spec.size
-        return {"image": np.zeros((height, width, 3), np.float32), "label": np.int32(0), "mask": np.False_}
+        return {"x": np.zeros((height, width, 3), np.float32), "label": np.int32(0), "mask": np.False_}
 
     def __repr__(self) -> str:
         return f"_ViewShard({self.source!r}, {self.start}:{self.stop}, views={self.views}, seed={self.seed})"
@@ -67,7 +67,7 @@ def view_batches(
     worker_count: int = 0,
     start_batch: int = 0,
 ) -> Iterator[dict]:
-    """This host's images' views as padded {"image", "label", "mask"} batches (views of an image adjacent),
+    """This host's images' views as padded {"x", "label", "mask"} batches (views of an image adjacent),
     the same number of batches on every host, from `start_batch` on."""
     per_host = batch_size // shard_count
     num_batches = math.ceil(math.ceil(len(source) / shard_count) * views / per_host) - start_batch

@@ -159,7 +159,7 @@ def test_views_equal_the_online_augmentation_and_epochs_cycle_through_them(tmp_p
         num_records=13, shard_options=grain.sharding.NoSharding(), shuffle=False, num_epochs=views, seed=seed
     )
     loader = grain.DataLoader(data_source=source, sampler=sampler, operations=[_Augment(backbone.preprocess)])
-    online = np.stack([r["image"].reshape(-1) for r in loader]).reshape(views, 13, -1)  # [epoch, image, d]
+    online = np.stack([r["x"].reshape(-1) for r in loader]).reshape(views, 13, -1)  # [epoch, image, d]
     np.testing.assert_array_equal(pooled, online.transpose(1, 0, 2))
     assert len({pooled[0, k].tobytes() for k in range(views)}) == views  # the views differ
     np.testing.assert_array_equal(labels, [source.label(i) for i in range(13)])
