@@ -112,3 +112,18 @@ def load_state(
             + "\n  ".join(problems)
         )
     return nnx.merge(graphdef, nnx.from_flat_state(values))
+
+
+def sort_args(args: Mapping, fields: set[str], fixed: Mapping, ignored: set[str]) -> tuple[dict, list[str]]:
+    """A reference library's constructor arguments → (the ones the module takes, problems): an argument fixed to
+    one value must have it, an ignored one (training-only) is dropped, any other is unknown."""
+    known, problems = {}, []
+    for key, value in args.items():
+        if key in fields:
+            known[key] = value
+        elif key in fixed:
+            if value != fixed[key]:
+                problems.append(f"{key}={value!r}")
+        elif key not in ignored:
+            problems.append(f"{key}={value!r} (unknown)")
+    return known, problems

@@ -42,34 +42,26 @@ LAYER_NAMES = {
 }
 
 # Options fxjax does not implement, with the value that it does (open_clip's default).
+# Options both towers share, at the values fxjax's blocks implement.
+_TOWER_DEFAULTS = dict(
+    final_ln_after_pool=False,
+    act_kwargs=None,
+    qk_norm=False,
+    scaled_cosine_attn=False,
+    scale_heads=False,
+    scale_attn_inner=False,
+    scale_attn=False,
+    scale_fc=False,
+)
 _VISION_DEFAULTS = dict(
+    _TOWER_DEFAULTS,
     timm_model_name=None,
     attentional_pool=False,
     no_ln_pre=False,
     pos_embed_type="learnable",
-    final_ln_after_pool=False,
     pool_type="tok",
-    act_kwargs=None,
-    qk_norm=False,
-    scaled_cosine_attn=False,
-    scale_heads=False,
-    scale_attn_inner=False,
-    scale_attn=False,
-    scale_fc=False,
 )
-_TEXT_DEFAULTS = dict(
-    hf_model_name=None,
-    embed_cls=False,
-    use_pad_mask=False,
-    final_ln_after_pool=False,
-    act_kwargs=None,
-    qk_norm=False,
-    scaled_cosine_attn=False,
-    scale_heads=False,
-    scale_attn_inner=False,
-    scale_attn=False,
-    scale_fc=False,
-)
+_TEXT_DEFAULTS = dict(_TOWER_DEFAULTS, hf_model_name=None, embed_cls=False, use_pad_mask=False)
 
 
 def matches(path: Path) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from fxjax.backbones.activations import ACTIVATIONS
-from fxjax.backbones.convert import Rule
+from fxjax.backbones.convert import Rule, sort_args
 from fxjax.backbones.layers import dot_general
 from fxjax.backbones.transformer import (
     Mlp,
@@ -140,15 +140,7 @@ _IGNORED = {
 def from_args(architecture: str, args: dict) -> EvaArgs:
     """timm constructor arguments → `EvaArgs`; one error names every argument fxjax cannot honour."""
     fields = {f.name for f in dataclasses.fields(EvaArgs)}
-    known, problems = {}, []
-    for key, value in args.items():
-        if key in fields:
-            known[key] = value
-        elif key in _FIXED:
-            if value != _FIXED[key]:
-                problems.append(f"{key}={value!r}")
-        elif key not in _IGNORED:
-            problems.append(f"{key}={value!r} (unknown)")
+    known, problems = sort_args(args, fields, _FIXED, _IGNORED)
     for key in ("img_size", "patch_size"):
         if isinstance(known.get(key), (list, tuple)):
             if len(set(known[key])) != 1:

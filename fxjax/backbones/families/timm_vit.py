@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fxjax.backbones.activations import ACTIVATIONS
-from fxjax.backbones.convert import Rule
+from fxjax.backbones.convert import Rule, sort_args
 from fxjax.backbones.layers import dot_general
 from fxjax.backbones.transformer import (
     Mlp,
@@ -133,15 +133,7 @@ _IGNORED = {
 def from_args(architecture: str, args: dict) -> TimmViTArgs:
     """timm constructor arguments → `TimmViTArgs`; one error names every argument fxjax cannot honour."""
     fields = {f.name for f in dataclasses.fields(TimmViTArgs)}
-    known, problems = {}, []
-    for key, value in args.items():
-        if key in fields:
-            known[key] = value
-        elif key in _FIXED:
-            if value != _FIXED[key]:
-                problems.append(f"{key}={value!r}")
-        elif key not in _IGNORED:
-            problems.append(f"{key}={value!r} (unknown)")
+    known, problems = sort_args(args, fields, _FIXED, _IGNORED)
     if isinstance(known.get("img_size"), (list, tuple)):
         height, width = known["img_size"]
         if height != width:
