@@ -162,10 +162,10 @@ def _test_images() -> list[np.ndarray]:
     from PIL import ImageDraw
     from sklearn.datasets import load_digits
 
-    digits = load_digits().images[:2]
-    out = [
-        np.asarray(Image.fromarray(np.uint8(d * 255 / 16)).resize((96, 96), Image.Resampling.BICUBIC)) for d in digits
-    ]
+    out = []
+    for digit, size in zip(load_digits().images[:2], [(96, 64), (40, 120)]):  # 8x8 grey, 0..16
+        image = Image.fromarray(np.uint8(digit * 255 / 16)).resize(size, Image.Resampling.BICUBIC)
+        out.append(np.asarray(image.convert("RGB")))
     for i, (w, h) in enumerate([(320, 200), (150, 400), (224, 224), (500, 90)]):
         image = Image.new("RGB", (w, h), (30 * i, 90, 200 - 20 * i))
         draw = ImageDraw.Draw(image)
@@ -176,18 +176,21 @@ def _test_images() -> list[np.ndarray]:
 
 
 def test_preprocessing_matches_the_processor(saved):
-    """Resize to 224x224 (bilinear), ImageNet mean / std. The processor resizes float pixels with torchvision's
-    antialiased bilinear; fxjax resizes uint8 with PIL's (same filter) and rounds, so pixels differ by up to
-    half a grey level (0.5 / 255 / std ≈ 0.009); an image already at 224x224 is exact."""
+    """Resize to 224x224 (bilinear), ImageNet mean / std, read from the processor config. The processor rescales
+    first and resizes float pixels (torchvision's antialiased bilinear); fxjax resizes uint8 with PIL's same
+    filter, whose fixed-point result is rounded to a grey level: pixels differ by at most one grey level
+    (1 / 255 / std = 0.0174), and are exact where no resize happens."""
     folder = saved("vit")[1]
     spec = fxjax.load_backbone(str(folder)).preprocess
-    assert (spec.size, spec.resize_shortest, spec.resample) == ((224, 224), None, "bilinear")
     processor = T.AutoImageProcessor.from_pretrained(folder)
+    assert (spec.size, spec.resize_shortest, spec.resample) == ((224, 224), None, "bilinear")
+    assert (spec.mean, spec.std) == (tuple(processor.image_mean), tuple(processor.image_std))
+    assert spec.rescale == pytest.approx(processor.rescale_factor)
     for image in _test_images():
         theirs = processor(image, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
         ours = preprocess_image(image, spec)
         assert ours.shape == theirs.shape == (224, 224, 3)
-        bound = 1e-5 if image.shape[:2] == (224, 224) else 0.5 / 255 / min(spec.std) + 1e-5
+        bound = 1e-5 if image.shape[:2] == (224, 224) else 1 / 255 / min(spec.std) + 1e-5
         assert _max_diff(ours, theirs) <= bound, image.shape
 
 
