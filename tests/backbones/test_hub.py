@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import fxjax  # noqa: E402
+from fxjax import config as config_lib  # noqa: E402
 from fxjax.backbones import hub  # noqa: E402
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -144,6 +145,7 @@ def test_hub_download_of_an_open_clip_repo_fetches_open_clips_files(tmp_path, mo
     from open_clip.tokenizer import default_bpe
 
     from fxjax.backbones.text import load_text_tower
+    from fxjax.evaluate.zeroshot import check_text_tower
     from tests.backbones.test_open_clip import TINY, _model, _save
 
     model, _ = _model("fxjax-tiny-hub", TINY)
@@ -164,3 +166,9 @@ def test_hub_download_of_an_open_clip_repo_fetches_open_clips_files(tmp_path, mo
         ref_text = model.encode_text(torch.from_numpy(tower.tokenize(["a cat"]).astype(np.int64))).numpy()
     np.testing.assert_allclose(np.asarray(backbone.outputs(x)["embedding"]), ref_image, atol=1e-4)
     np.testing.assert_allclose(tower.encode(["a cat"]), ref_text, atol=1e-4)
+    # What a run's zero-shot probe scores: the "embedding" variant, unit norm; the run accepts this backbone.
+    normed = ref_image / np.linalg.norm(ref_image, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(backbone.variants(x, ("embedding",))["embedding"]), normed, atol=1e-5)
+    config = config_lib.default_config()
+    config.backbone, config.probes = "laion-like/tiny", ("zeroshot",)
+    check_text_tower(config)
