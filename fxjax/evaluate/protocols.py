@@ -10,14 +10,20 @@ from fxjax.evaluate import probes
 SPLITS = ("train", "val", "test")
 
 
-def on_features(config, variants: dict, labels: dict, num_classes: int) -> tuple[dict, dict]:
+def on_features(config, variants: dict, labels: dict, num_classes: int, zero_shot=None) -> tuple[dict, dict]:
     """Runs the probes and the few-shot protocol the config asks for on the pooled features of
-    {split: {variant: features}}. → (summary entries, {file name: JSON object or markdown text}); the caller
-    (who owns the run directory) writes the files."""
+    {split: {variant: features}} ("zeroshot": `zero_shot`, an `evaluate.zeroshot.ZeroShotClassifier`, on the
+    "embedding" variant). → (summary entries, {file name: JSON object or markdown text}); the caller (who owns
+    the run directory) writes the files."""
     out, files = {}, {}
     feats = {split: v["pooled"] for split, v in variants.items()}
     if config.probes:
-        results = [_probe(name, feats, labels, num_classes) for name in config.probes]
+        results = [
+            zero_shot.probe(*((np.asarray(variants[s]["embedding"]), labels[s]) for s in ("val", "test")))
+            if name == "zeroshot"
+            else _probe(name, feats, labels, num_classes)
+            for name in config.probes
+        ]
         files["probes.json"] = {"probes": [r.to_dict() for r in results]}
         files["probes.md"] = _probes_markdown(results)
         out["probes"] = {

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -151,7 +152,7 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
     start = time.perf_counter()
     feats, labels, hits = setup.cached_features()
     extras = {"feature_cache_hits": hits, "extract_seconds": time.perf_counter() - start}
-    entries, files = protocols.on_features(config, feats, labels, data.num_classes)
+    entries, files = protocols.on_features(config, feats, labels, data.num_classes, setup.zero_shot)
     if jax.process_index() == 0:
         for name, content in files.items():
             run.write(name, content)
@@ -166,6 +167,8 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
         v: Classifier(None, make_head(config.head, feats["train"][v].shape[1], data.num_classes, config.seed), v)
         for v in variants
     }
+    if config.head.init == "text":  # the run's heads start as the zero-shot classifier
+        _assign_linear(models["embedding"].head.out, setup.zero_shot.head())
     shard, eval_batch = setup.shard, config.eval_batch_size
     train = FeatureBatches(
         {v: feats["train"][v] for v in variants}, labels["train"], batch_size=config.batch_size, seed=config.seed,
@@ -179,6 +182,11 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
         freeze.trainable(()),  # a head alone: all of it trains; XLA's default options suit its skinny matmuls
         extras=extras,
     )
+
+
+def _assign_linear(layer, weights: dict) -> None:
+    layer.kernel.set_value(jnp.asarray(weights["kernel"], layer.kernel.get_value().dtype))
+    layer.bias.set_value(jnp.asarray(weights["bias"], layer.bias.get_value().dtype))
 
 
 def _online_inputs(setup: Setup) -> Inputs:
