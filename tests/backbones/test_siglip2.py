@@ -101,7 +101,7 @@ def test_preprocessing_equals_the_naflex_processors(vision):
     fast = T.Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=MAX_PATCHES)(photos, return_tensors="np")
     np.testing.assert_array_equal(ours[2], fast["spatial_shapes"])
     np.testing.assert_array_equal(ours[1], fast["pixel_attention_mask"])
-    assert _max_diff(ours[0], fast["pixel_values"]) <= 0.1  # torch's antialiased resize vs PIL's
+    assert _max_diff(ours[0], fast["pixel_values"]) <= 1.01 * 2 / 255  # one uint8 level: torch's resize vs PIL's
 
 
 @pytest.mark.parametrize(("height", "width"), [(427, 640), (9, 13), (1, 500), (64, 64), (3, 3)])
@@ -175,7 +175,7 @@ def test_position_resize_is_torch_bilinear_antialias(shape):
         expected = torch.nn.functional.interpolate(grid, size=shape, mode="bilinear", antialias=True)
     expected = expected.permute(0, 2, 3, 1).reshape(-1, 8).numpy()
     length = shape[0] * shape[1] + 3
-    out = np.asarray(resize_positions(table, np.asarray([shape]), length))[0]
+    out = np.asarray(jax.jit(resize_positions, static_argnums=2)(table, np.asarray([shape]), length))[0]
     assert _max_diff(out[: shape[0] * shape[1]], expected) <= 1e-5
     np.testing.assert_array_equal(out[-3:], np.broadcast_to(out[0], (3, 8)))  # padding: the first position
 
