@@ -1,4 +1,4 @@
-"""Vision-transformer pieces shared by the ViT, DeiT, DINOv2, CLIP, SigLIP and BLIP families.
+"""Vision-transformer pieces shared by the ViT, DeiT, DINOv2, CLIP, SigLIP, SigLIP2 and BLIP families.
 
 `VisionTransformer` is the common trunk (patch embedding → prefix tokens + position embeddings → pre-LN blocks
 → final norm); a family subclasses it for what its checkpoints differ in: token layout, pooling head, names.

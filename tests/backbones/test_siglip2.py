@@ -187,3 +187,12 @@ def test_bad_inputs_name_the_problem():
         naflex_inputs([np.zeros((8, 12, 3), np.float32)], PATCH, 4)
     with pytest.raises(ValueError, match="not divisible by the patch size 4"):
         naflex_inputs([np.zeros((6, 8, 3), np.float32)], PATCH, 16)
+
+
+def test_naflex_spec_fields_stay_out_of_other_fingerprints():
+    """patch_size / max_patches at their defaults are left out of to_dict (older cache fingerprints still match);
+    a NaFlex spec at another resolution gets that resolution's patch budget."""
+    assert {"patch_size", "max_patches", "resize_mode"}.isdisjoint(PreprocessSpec(size=(8, 8)).to_dict())
+    spec = PreprocessSpec(size=(16, 16), patch_size=PATCH, max_patches=16)
+    assert spec.to_dict()["max_patches"] == 16
+    assert spec.at_size(32).max_patches == 64
