@@ -338,7 +338,8 @@ class Block(nnx.Module):
         self.ls2 = nnx.Param(jnp.full((spec.dim,), spec.layer_scale, param_dtype)) if scaled else None
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:  # [n, t, d]; mask [n, t] keys
-        y = self.attn(self.norm1(x), mask)
+        # no mask: the one-argument call, which attention subclasses without masking (text towers) take
+        y = self.attn(self.norm1(x)) if mask is None else self.attn(self.norm1(x), mask)
         if self.ls1 is not None:
             y = y * self.ls1[...].astype(y.dtype)
         x = x + y
