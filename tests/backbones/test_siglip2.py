@@ -147,6 +147,18 @@ def test_dense_path_matches_reference(vision, height, width):
     assert bb.num_stages == 2 + 2  # embeddings, two blocks, final norm + head
 
 
+def test_bfloat16_naflex_is_close(vision):
+    """bfloat16 compute on a padded NaFlex batch stays near the float32 reference (the masks hold in bfloat16)."""
+    model, folder = vision
+    bb = fxjax.load_backbone(str(folder), dtype="bfloat16")
+    inputs = T.Siglip2ImageProcessorPil(patch_size=PATCH, max_num_patches=MAX_PATCHES)(_photos(), return_tensors="np")
+    args = (inputs["pixel_values"], inputs["pixel_attention_mask"], inputs["spatial_shapes"])
+    ref = _reference(model, *args).pooler_output.numpy()
+    half = _outputs(bb, *args)["pooled"]
+    assert half.dtype == np.dtype("bfloat16")
+    assert _max_diff(half, ref) <= 0.05 * float(np.max(np.abs(ref))) + 0.02
+
+
 def test_full_checkpoint_and_no_head(tmp_path):
     """A full siglip2 checkpoint's vision tower (text tower dropped); a tower without a head pools by the mean
     of the valid final tokens."""
