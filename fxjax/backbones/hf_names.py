@@ -4,7 +4,7 @@ the conversion helpers each of those families uses, kept here so that no family 
 from __future__ import annotations
 
 from fxjax.backbones.convert import Rule
-from fxjax.backbones.transformer import block_rules, norm_rules, patch_rules
+from fxjax.backbones.transformer import block_rules, linear_rules, norm_rules, patch_rules
 
 # HF ViT / DeiT / DINOv2 attention names (shared by `dinov2`).
 ATTENTION_NAMES = {
@@ -54,4 +54,17 @@ def tower_rules(prefix: str) -> list[Rule]:
         *block_rules(rf"{prefix}encoder\.layers\.(\d+)", LAYER_NAMES),
         *norm_rules(rf"{prefix}post_layernorm", "norm"),
         Rule(r".*position_ids", None),  # a buffer that older checkpoints saved
+    ]
+
+
+def attention_pool_rules(src: str, dst: str) -> list[Rule]:
+    """SigLIP's / SigLIP2's attention-pooling head (`head.*`) → the trunk's `AttentionPool` at `dst`."""
+    return [
+        Rule(rf"{src}\.probe", f"{dst}.probe"),
+        Rule(rf"{src}\.attention\.in_proj_weight", f"{dst}.in_proj.kernel", "dense"),
+        Rule(rf"{src}\.attention\.in_proj_bias", f"{dst}.in_proj.bias"),
+        *linear_rules(rf"{src}\.attention\.out_proj", f"{dst}.out"),
+        *norm_rules(rf"{src}\.layernorm", f"{dst}.norm"),
+        *linear_rules(rf"{src}\.mlp\.fc1", f"{dst}.mlp.fc1"),
+        *linear_rules(rf"{src}\.mlp\.fc2", f"{dst}.mlp.fc2"),
     ]

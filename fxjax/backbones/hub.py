@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from pathlib import Path
 
@@ -223,6 +224,8 @@ def preprocess_spec(folder: Path, config) -> PreprocessSpec:
     from transformers import AutoImageProcessor
 
     proc = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    if getattr(proc, "max_num_patches", None):
+        return _naflex_spec(proc)
     size, crop = proc.size, getattr(proc, "crop_size", None)
     resize_shortest = None
     if size.get("shortest_edge"):
@@ -252,4 +255,21 @@ def preprocess_spec(folder: Path, config) -> PreprocessSpec:
         std=tuple(std.tolist()),
         rescale=float(proc.rescale_factor) if proc.do_rescale else 1.0,
         resample=_RESAMPLE.get(int(proc.resample), "bilinear"),
+    )
+
+
+def _naflex_spec(proc) -> PreprocessSpec:
+    """SigLIP2's NaFlex processor: each image resized to its own patch grid under `max_num_patches`. Pipelines
+    batch one size, the square one the processor gives a square image; `resize_mode="naflex"` on the returned
+    spec gives each image its own (batch those with `families.siglip2.naflex_inputs`)."""
+    patch, budget = int(proc.patch_size), int(proc.max_num_patches)
+    side = math.isqrt(budget) * patch
+    return PreprocessSpec(
+        size=(side, side),
+        mean=tuple(proc.image_mean) if proc.do_normalize else (0.0,) * 3,
+        std=tuple(proc.image_std) if proc.do_normalize else (1.0,) * 3,
+        rescale=float(proc.rescale_factor) if proc.do_rescale else 1.0,
+        resample=_RESAMPLE.get(int(proc.resample), "bilinear"),
+        patch_size=patch,
+        max_patches=budget,
     )

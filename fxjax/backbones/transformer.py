@@ -1,4 +1,4 @@
-"""Vision-transformer pieces shared by the ViT, DeiT, DINOv2, DINOv3, CLIP, SigLIP and BLIP families.
+"""Vision-transformer pieces shared by the ViT, DeiT, DINOv2, DINOv3, CLIP, SigLIP, SigLIP2 and BLIP families.
 
 `VisionTransformer` is the common trunk (patch embedding → prefix tokens + position embeddings → pre-LN blocks
 → final norm); a family subclasses it for what its checkpoints differ in: token layout, pooling head, names.
@@ -238,29 +238,32 @@ def layer_norm(spec: TransformerSpec, *, dtype, param_dtype, rngs: nnx.Rngs) -> 
 _CACHE_BYTES = 8 << 20  # the scores of one attention chunk on CPU: about a CPU's L2
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     """Softmax attention, [n, t, heads, head_dim] each → [n, t, heads, head_dim]; scores and softmax in float32.
+    `mask` [n, s] (bool): the keys each example may attend to (NaFlex's padded patches are False); None: all.
 
     Accelerators take `jax.nn.dot_product_attention` (fused kernels where the platform has them). On CPU the
     batch goes through a loop in chunks whose [heads, t, t] scores stay in cache: the whole batch's scores
     (30 MB for ViT-B/16 at batch 16) round-trip through memory three times (scores, exp, sum) and make
     attention 2x slower than the chunked loop (bench/extract.py; docs/benchmarks.md)."""
     if jax.default_backend() != "cpu":
-        return jax.nn.dot_product_attention(q, k, v)
+        return jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None, None, :])
     n, t, heads, head_dim = q.shape
     dtype = q.dtype
 
-    def one(qkv):  # a single example: [t, heads, head_dim] x 3
-        q, k, v = (a.swapaxes(0, 1) for a in qkv)  # [heads, t, head_dim]
+    def one(qkvm):  # a single example: [t, heads, head_dim] x 3, and its key mask [s] (or None)
+        q, k, v = (a.swapaxes(0, 1) for a in qkvm[:3])  # [heads, t, head_dim]
         scores = jnp.einsum(
             "hqd,hkd->hqk", q * jnp.asarray(head_dim**-0.5, dtype), k, preferred_element_type=jnp.float32
         )
+        if qkvm[3] is not None:
+            scores = jnp.where(qkvm[3], scores, jnp.finfo(jnp.float32).min)
         weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
         out = jnp.einsum("hqk,hkd->hqd", weights.astype(dtype), v, preferred_element_type=jnp.float32)
         return (out / weights.sum(axis=-1, keepdims=True)).astype(dtype).swapaxes(0, 1)
 
     chunk = max(1, _CACHE_BYTES // (heads * t * t * 4))
-    return jax.lax.map(one, (q, k, v), batch_size=min(chunk, n))
+    return jax.lax.map(one, (q, k, v, None if mask is None else mask.astype(bool)), batch_size=min(chunk, n))
 
 
 class Attention(nnx.Module):
@@ -276,13 +279,13 @@ class Attention(nnx.Module):
         self.value = None if spec.fused_qkv else linear(d, d, use_bias=bias)
         self.out = linear(d, d)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [n, t, d]
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:  # [n, t, d]; mask: see attention
         n, t, d = x.shape
         if self.qkv is not None:
             q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, t, 3, self.heads, d // self.heads), 2, 0)
         else:
             q, k, v = (f(x).reshape(n, t, self.heads, d // self.heads) for f in (self.query, self.key, self.value))
-        y = attention(q, k, v)  # [n, t, heads, head_dim]
+        y = attention(q, k, v, mask)  # [n, t, heads, head_dim]
         return self.out(y.reshape(n, t, d))
 
 
@@ -302,6 +305,33 @@ class Mlp(nnx.Module):
         return self.fc2(self.act(h))
 
 
+class AttentionPool(nnx.Module):
+    """Multi-head attention pooling (SigLIP's head: torch `nn.MultiheadAttention` with a learned probe as the one
+    query), then x + mlp(norm(x)). `in_proj` holds query, key and value stacked, as the checkpoint does."""
+
+    def __init__(self, spec: TransformerSpec, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.heads, self.dtype = spec.heads, dtype
+        self.probe = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, 1, spec.dim), param_dtype))
+        self.in_proj = nnx.Linear(spec.dim, 3 * spec.dim, **kw)
+        self.out = nnx.Linear(spec.dim, spec.dim, **kw)
+        self.norm = layer_norm(spec, **kw)
+        self.mlp = Mlp(spec, **kw)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:  # [n, t, d] → [n, d]
+        """`mask` [n, t] (bool): the tokens the probe may attend to; None: all."""
+        n, t, d = x.shape
+        w = self.in_proj.kernel[...].astype(self.dtype)  # [d, 3d]: query | key | value
+        b = self.in_proj.bias[...].astype(self.dtype)
+        q = self.probe[...].astype(self.dtype) @ w[:, :d] + b[:d]  # [1, 1, d]
+        kv = x.astype(self.dtype) @ w[:, d:] + b[d:]  # [n, t, 2d]
+        k, v = jnp.split(kv.reshape(n, t, 2, self.heads, d // self.heads), 2, axis=2)
+        q = jnp.broadcast_to(q.reshape(1, 1, self.heads, d // self.heads), (n, 1, self.heads, d // self.heads))
+        keys = None if mask is None else mask.astype(bool)[:, None, None, :]
+        y = self.out(jax.nn.dot_product_attention(q, k[:, :, 0], v[:, :, 0], mask=keys).reshape(n, 1, d))
+        return (y + self.mlp(self.norm(y)))[:, 0]
+
+
 class Block(nnx.Module):
     """Pre-LN encoder block: x + ls1 * attn(norm1(x)), then x + ls2 * mlp(norm2(x)), ls: LayerScale."""
 
@@ -315,8 +345,9 @@ class Block(nnx.Module):
         self.ls1 = nnx.Param(jnp.full((spec.dim,), spec.layer_scale, param_dtype)) if scaled else None
         self.ls2 = nnx.Param(jnp.full((spec.dim,), spec.layer_scale, param_dtype)) if scaled else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [n, t, d]
-        y = self.attn(self.norm1(x))
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:  # [n, t, d]; mask [n, t] keys
+        # no mask: the one-argument call, which attention subclasses without masking (text towers) take
+        y = self.attn(self.norm1(x)) if mask is None else self.attn(self.norm1(x), mask)
         if self.ls1 is not None:
             y = y * self.ls1[...].astype(y.dtype)
         x = x + y
@@ -348,9 +379,13 @@ class VisionTransformer(nnx.Module):
     def __init__(self, spec: TransformerSpec, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.spec = spec
-        self.embeddings = Embeddings(spec, **kw)
+        self.embeddings = self.make_embeddings(spec, **kw)
         self.blocks = nnx.List([self.make_block(spec, **kw) for _ in range(spec.depth)])
         self.norm = layer_norm(spec, **kw) if spec.final_norm else None
+
+    def make_embeddings(self, spec: TransformerSpec, **kw) -> nnx.Module:
+        """The embeddings; a family with other inputs (SigLIP2's patchified NaFlex batches) overrides it."""
+        return Embeddings(spec, **kw)
 
     def make_block(self, spec: TransformerSpec, **kw) -> nnx.Module:
         """One encoder block; a family with other blocks (EVA's) overrides it."""

@@ -37,11 +37,16 @@ class PreprocessSpec:
     rescale: float = 1.0 / 255.0
     resample: str = "bilinear"  # "bilinear" | "bicubic" | "nearest" (PIL filters)
     # With resize_shortest: "shortest" keeps the aspect ratio; "squash" resizes both sides to resize_shortest
-    # (timm's crop_mode="squash").
+    # (timm's crop_mode="squash"). "naflex" (SigLIP2's NaFlex processor): each image gets its own size, the
+    # largest multiple of patch_size per side, aspect ratio kept, with at most max_patches patches (`size` is
+    # then unused; images of one batch differ in shape: batch them with the family's `naflex_inputs`).
     resize_mode: str = "shortest"
     # Centre-crop offset: "floor" = (H - h) // 2 as HF processors; "round" = round((H - h) / 2) as torchvision's
     # CenterCrop (timm's eval transform), which differs by a pixel when H - h is odd.
     crop_rounding: str = "floor"
+    # A NaFlex checkpoint's patch size and patch budget (its processor's `patch_size`, `max_num_patches`).
+    patch_size: int | None = None
+    max_patches: int | None = None
 
     def __post_init__(self) -> None:
         # Normalise list inputs (e.g. from JSON / ml_collections) so equality and hashing behave.
@@ -54,8 +59,12 @@ class PreprocessSpec:
             raise ValueError(f"mean and std need 3 values (std > 0), got mean={self.mean} std={self.std}")
         if self.resample not in _RESAMPLE:
             raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
-        if self.resize_mode not in ("shortest", "squash"):
-            raise ValueError(f"resize_mode must be 'shortest' or 'squash', got {self.resize_mode!r}")
+        if self.resize_mode not in ("shortest", "squash", "naflex"):
+            raise ValueError(f"resize_mode must be 'shortest', 'squash' or 'naflex', got {self.resize_mode!r}")
+        if self.resize_mode == "naflex" and not (self.patch_size and self.max_patches):
+            raise ValueError(
+                f"resize_mode='naflex' needs patch_size and max_patches > 0, got {self.patch_size}, {self.max_patches}"
+            )
         if self.crop_rounding not in ("floor", "round"):
             raise ValueError(f"crop_rounding must be 'floor' or 'round', got {self.crop_rounding!r}")
         if self.resize_shortest is not None and self.resize_shortest < max(self.size):
@@ -66,13 +75,19 @@ class PreprocessSpec:
         shortest = None
         if self.resize_shortest is not None:
             shortest = max(size, round(self.resize_shortest * size / max(self.size)))
-        return dataclasses.replace(self, size=(size, size), resize_shortest=shortest)
+        budget = self.max_patches if self.patch_size is None else (size // self.patch_size) ** 2
+        return dataclasses.replace(self, size=(size, size), resize_shortest=shortest, max_patches=budget)
 
     def to_dict(self) -> dict:
         """JSON-able form, used in feature-cache fingerprints and environment.json. The geometry options at their
         defaults are left out, so that fingerprints made before they existed still match."""
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        for key, default in (("resize_mode", "shortest"), ("crop_rounding", "floor")):
+        for key, default in (
+            ("resize_mode", "shortest"),
+            ("crop_rounding", "floor"),
+            ("patch_size", None),
+            ("max_patches", None),
+        ):
             if out[key] == default:
                 del out[key]
         return out
@@ -102,10 +117,32 @@ def normalise(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     return out
 
 
+def naflex_size(height: int, width: int, patch: int, max_patches: int) -> tuple[int, int]:
+    """SigLIP2's NaFlex target size of a [height, width] image: each side scaled by one factor and rounded up to
+    a multiple of `patch` (at least one patch), the factor the largest with at most `max_patches` patches.
+    The processor's bisection (`get_image_size_for_max_num_patches`), step for step, so that sizes agree."""
+
+    def scaled(scale: float, side: int) -> int:
+        return max(patch, math.ceil(side * scale / patch) * patch)
+
+    eps = 1e-5
+    low, high = eps / 10, 100.0
+    while high - low >= eps:
+        scale = (low + high) / 2
+        if (scaled(scale, height) / patch) * (scaled(scale, width) / patch) <= max_patches:
+            low = scale
+        else:
+            high = scale
+    return scaled(low, height), scaled(low, width)
+
+
 def resize_and_crop(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """uint8 [H, W, 3] → uint8 [h, w, 3]: the deterministic (eval-time) geometry of `spec`."""
     height, width = spec.size
     pil = Image.fromarray(image)
+    if spec.resize_mode == "naflex":
+        height, width = naflex_size(image.shape[0], image.shape[1], spec.patch_size, spec.max_patches)
+        return np.asarray(pil.resize((width, height), _RESAMPLE[spec.resample]))
     if spec.resize_shortest is None:
         return np.asarray(pil.resize((width, height), _RESAMPLE[spec.resample]))
     # torchvision Resize(int): the shorter side becomes exactly `resize_shortest`, the longer is truncated.

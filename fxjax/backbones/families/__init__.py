@@ -28,6 +28,8 @@ FAMILIES: dict[str, str] = {
     "clip_vision_model": "fxjax.backbones.families.clip",
     "siglip": "fxjax.backbones.families.siglip",
     "siglip_vision_model": "fxjax.backbones.families.siglip",
+    "siglip2": "fxjax.backbones.families.siglip2",
+    "siglip2_vision_model": "fxjax.backbones.families.siglip2",
     "blip": "fxjax.backbones.families.blip",
     "blip_vision_model": "fxjax.backbones.families.blip",
 }
