@@ -226,12 +226,11 @@ def load_classifier(path: str | Path) -> ExportedClassifier:
             f"{spec_file} has a malformed field ({type(err).__name__}: {err}); export the run again"
         ) from None
     weights_file = folder / "head.safetensors"
-    if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file} is missing; export the run again")
+    tensors = _read_head(weights_file)
     backbone = _load_backbone(spec, folder)
     head = Head(backbone.feature_dim, len(class_names), **head_spec, rngs=nnx.Rngs(0))
     model = Classifier(backbone.module, head, spec.get("variant", "pooled"))
-    _assign(model, weights_file)
+    _assign(model, weights_file, tensors)
     return ExportedClassifier(model, class_names, preprocess, spec)
 
 
@@ -260,16 +259,22 @@ def _load_backbone(spec: dict, folder: Path) -> Backbone:
     return backbone
 
 
-def _assign(model: nnx.Module, path: Path) -> None:
-    """Puts the saved tensors into `model`; every mismatch (unknown name, shape) is listed before failing."""
+def _read_head(path: Path) -> dict[str, np.ndarray]:
+    """The head's tensors, or a one-line error naming the file (read before the backbone loads)."""
     from safetensors.numpy import load_file
 
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
+        raise FileNotFoundError(f"{path} is missing; export the run again")
     try:
-        tensors = load_file(str(path))
+        return load_file(str(path))
     except Exception as err:  # safetensors raises its own SafetensorError (or OSError) on a damaged file
         raise ValueError(f"{path} is damaged ({err}); export the run again") from None
+
+
+def _assign(model: nnx.Module, path: Path, tensors: dict[str, np.ndarray] | None = None) -> None:
+    """Puts the saved tensors (read from `path` unless given) into `model`; every mismatch (unknown name,
+    shape) is listed before failing."""
+    tensors = _read_head(path) if tensors is None else tensors
     state = nnx.state(model)
     variables = {path_str(p): v for p, v in nnx.to_flat_state(state)}
     problems = [f"{name}: not in the model" for name in tensors if name not in variables]

@@ -83,10 +83,10 @@ class Setup:
         {variant: [n, d]}}, labels {split: [n]}, hits {split: bool})."""
         from fxjax.features import extract
 
-        c = self.config
+        c, data = self.config, self.data  # the data first: a bad source is refused before the backbone loads
         return extract.cached_features(
             self.backbone,
-            self.data,
+            data,
             mesh=self.mesh,
             batch_size=c.eval_batch_size,
             cache_dir=c.cache_dir,
