@@ -58,7 +58,9 @@ def export(workdir: str | Path, out: str | Path, *, with_backbone: bool = False)
     """
     run = read_run(workdir, EXPORT_FILES)
     out = Path(out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; choose another output folder")
+    if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose another output folder")
     step = run.summary.get("best_step")
     if step is None:

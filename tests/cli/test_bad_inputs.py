@@ -36,7 +36,7 @@ CASES = [
     ("config syntax error", "train --config {S}/configs/syntax.py --workdir {S}/new", "syntax.py, line 2", True),
     ("config imports nothing", "train --config {S}/configs/missing_module.py --workdir {S}/new", "line 1", True),
     ("config without get_config", "train --config {S}/configs/no_get_config.py --workdir {S}/new", "get_config", True),
-    ("config file is a folder", "train --config {S}/empty --workdir {S}/new", "empty", True),
+    ("config file is a folder", "train --config {S}/empty --workdir {S}/new", "is a folder", True),
     # train: keys and values
     ("misspelled key", f"train {NEW} --config.num_epoch=3", "num_epoch", True),
     ("misspelled nested key", f"train {NEW} --config.optimizer.lerning_rate=0.1", "optimizer.lerning_rate", True),
@@ -61,7 +61,7 @@ CASES = [
     ("missing folder dataset", f"train {NEW} --config.data.source=folder:{{S}}/absent", "absent", True),
     ("folder dataset is a file", f"train {NEW} --config.data.source=folder:{{S}}/file.txt", "is a file", True),
     ("empty validation split", f"train {NEW} --config.data.val_fraction=0", "val_fraction", True),
-    ("validation fraction over 1", f"train {NEW} --config.data.val_fraction=1.5", "val_fraction", True),
+    ("validation fraction over 1", f"train {NEW} --config.data.val_fraction=1.5", "config.data.val_fraction=1.5", True),
     # train: the backbone (found to be bad only by loading it)
     ("unknown backbone", f"train {NEW} --config.backbone=resnet-9000", "resnet-9000", False),
     ("empty backbone folder", f"train {NEW} --config.backbone={{S}}/empty", "has no config.json", False),
@@ -106,7 +106,7 @@ CASES = [
     ("export: malformed summary", "export {S}/bad_summary {S}/out", "summary.json", True),
     ("export: truncated checkpoint", "export {S}/truncated_checkpoint {S}/out", "checkpoints", True),
     ("export: output exists", "export {S}/run {S}/exported", "exported", True),
-    ("export: output is a file", "export {S}/run {S}/file.txt", "file.txt", True),
+    ("export: output is a file", "export {S}/run {S}/file.txt", "file.txt is a file", True),
     # predict
     ("predict: not a classifier folder", "predict {S}/empty {S}/images", "classifier.json", True),
     ("predict: malformed classifier.json", "predict {S}/bad_json {S}/images", "classifier.json", True),
