@@ -216,6 +216,8 @@ def find_config(name_or_path: str) -> Path:
     shipped = shipped_dir() / f"{name_or_path}.py"
     if file.name == name_or_path and not file.suffix and shipped.is_file():
         return shipped
+    if file.is_dir():
+        raise IsADirectoryError(f"config file {name_or_path!r} is a folder; give a .py file with get_config() in it")
     raise FileNotFoundError(
         f"config file {name_or_path!r} not found; give a path to a .py file with get_config() or a shipped "
         f"config name: {', '.join(shipped_names())}"
@@ -294,6 +296,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         "config.dtype and config.param_dtype must be 'float32' or 'bfloat16'",
     )
     check(0 <= c.optimizer.label_smoothing < 1, "config.optimizer.label_smoothing must be in [0, 1)")
+    fractions = (c.data.val_fraction, c.data.test_fraction)
+    check(
+        min(fractions) >= 0 and sum(fractions) < 1,
+        f"config.data.val_fraction={fractions[0]}, config.data.test_fraction={fractions[1]}: each must be >= 0 "
+        "and their sum < 1",
+    )
     check(
         set(c.probes) <= {"ridge", "logistic", "knn", "zeroshot"},
         f"config.probes={tuple(c.probes)}: choose from 'ridge', 'logistic', 'knn', 'zeroshot'",

@@ -194,6 +194,12 @@ def load_folder(
 ) -> Backbone:
     from transformers import AutoConfig
 
+    if not (folder / "config.json").is_file():  # else transformers asks for a `model_type` the folder cannot have
+        raise FileNotFoundError(
+            f"backbone folder {str(folder)!r} has no config.json: a backbone folder holds a Hugging Face checkpoint "
+            f"(config.json with model_type, and one of {', '.join(WEIGHT_FILES)}), a timm one (config.json with "
+            "architecture) or an open_clip one (open_clip_config.json)"
+        )
     config = AutoConfig.from_pretrained(folder)
     family = families.family(config.model_type)
     weight_file = weight_files(folder)

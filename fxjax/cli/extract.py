@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in overrides:
             config_lib.override(config, key, value)
         setup = Setup.from_config(config)
-        config, backbone, data = setup.config, setup.backbone, setup.data
+        config, data, backbone = setup.config, setup.data, setup.backbone  # the cheap data first
         feats, _, hits = setup.cached_features()
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

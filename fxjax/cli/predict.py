@@ -3,20 +3,24 @@
     fxjax predict exported/digits photo.jpg more/ [--top-k 5] [--json] [--batch-size 32]
     python -m launch.predict exported/digits photo.jpg            # the same, from a clone
 
-Folders are searched recursively for images. An image that cannot be read is reported on its own line
-(exit status 1) and the others are still classified.
+Folders are searched recursively for images. An image that cannot be read (damaged, not an image, or over
+PIL's pixel limit, Image.MAX_IMAGE_PIXELS) is skipped with one `warning:` line on stderr naming it (and an
+"error" entry with --json); the others are still classified. Exit status: 0 when at least one image was
+classified, 2 on bad input (no image readable, a damaged or missing classifier folder).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from fxjax.cli.main import command_parser
-from fxjax.data.sources import IMAGE_EXTENSIONS, decode_rgb
+from fxjax.data.sources import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_rgb
 
 
 def expand(inputs: list[str]) -> list[Path]:
@@ -41,8 +45,10 @@ def read_images(paths: list[Path]) -> tuple[dict[int, np.ndarray], dict[int, str
     images, errors = {}, {}
     for i, path in enumerate(paths):
         try:
-            images[i] = decode_rgb(str(path))
-        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three for broken or foreign files
+            with warnings.catch_warnings():  # PIL only warns up to twice its pixel limit: still a bomb to decode
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                images[i] = decode_rgb(str(path))
+        except (*DECODE_ERRORS, Image.DecompressionBombWarning) as err:
             errors[i] = str(err) or type(err).__name__
     return images, errors
 
@@ -63,12 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         print("error: no images found in " + ", ".join(args.images), file=sys.stderr)
         return 2
+    images, errors = read_images(paths)  # before the backbone loads: unreadable input costs no load
+    for i, why in errors.items():
+        print(f"warning: skipped {paths[i]}: {why}", file=sys.stderr)
+    if not images:
+        print(f"error: none of the {len(paths)} images could be read", file=sys.stderr)
+        return 2
     try:
         classifier = load_classifier(args.classifier)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    images, errors = read_images(paths)
     order = sorted(images)
     probs = classifier.predict([images[i] for i in order], batch_size=args.batch_size)
     row_of = {i: row for row, i in enumerate(order)}
@@ -92,11 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
-            if "error" in r:
-                print(f"{r['path']}: error: {r['error']}")
-            else:
+            if "predictions" in r:  # the skipped ones are on stderr
                 print(f"{r['path']}: " + ", ".join(f"{p['class']} {p['probability']:.3f}" for p in r["predictions"]))
-    return 1 if errors else 0
+    return 0
 
 
 if __name__ == "__main__":

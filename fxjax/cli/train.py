@@ -53,7 +53,13 @@ def start(args) -> bool:
     # Before anything asks JAX for its devices; a plain single process skips it.
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, cluster=args.distributed)
     primary = jax.process_index() == 0  # only process 0 logs and reports; every process works
-    logging.basicConfig(level=logging.INFO if primary else logging.WARNING, format="%(message)s")
+    # What a run does goes to stdout; stderr carries only warnings and the one-line error of a refused input.
+    info, problems = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    info.addFilter(lambda record: record.levelno < logging.WARNING)
+    problems.setLevel(logging.WARNING)
+    logging.basicConfig(
+        level=logging.INFO if primary else logging.WARNING, format="%(message)s", handlers=[info, problems]
+    )
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return primary

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         elif rest:
             parser.error(f"unrecognised arguments {rest}; --config.* overrides need --config")
         summary = verify_folder(folder, cache_dir=cache_dir, workers=args.workers)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({**summary, "unreadable_count": len(summary["unreadable"])}, indent=1))

@@ -484,6 +484,8 @@ def _scan_split(root: str, split_dir: str, class_names: list[str]) -> _Listing:
 
 def _list_folder(root: str) -> tuple[list[str], str, dict[str, _Listing]]:
     """(class names, class folder, {split dir: listing}) of a folder dataset; split dir "" when it has none."""
+    if os.path.isfile(root):
+        raise NotADirectoryError(f"folder dataset {root} is a file, not a folder of class subfolders")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"folder dataset {root} does not exist")
     top = _subdirs(root)

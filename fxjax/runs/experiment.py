@@ -64,8 +64,10 @@ class Inputs:
 
 def run(config: ml_collections.ConfigDict, workdir) -> dict:
     """Runs (or resumes) the experiment in `workdir` and returns its summary."""
-    setup = Setup.from_config(config)
-    run_dir = RunDir(workdir).prepare()
+    setup = Setup.from_config(config)  # keys and values first: nothing is loaded or written for a bad config
+    run_dir = RunDir(workdir).check()
+    setup.check(run_dir)  # data, backbone, the recorded run: a refused run leaves the workdir as it was
+    run_dir.prepare()
     lock = run_dir.lock() if jax.process_index() == 0 else None
     try:
         return _run(setup, run_dir)
@@ -76,18 +78,8 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
 
 def _run(setup: Setup, run: RunDir) -> dict:
     config, data = setup.config, setup.data
-    for split in ("train", "val", "test"):
-        if len(data.splits[split]) == 0:
-            raise ValueError(
-                f"the {split} split of {data.name} is empty (config.data.val_fraction / test_fraction carve val "
-                "and test where a dataset has none): the run could not be selected or scored"
-            )
     setup.record(run)
     steps_per_epoch = len(data.splits["train"]) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"config.batch_size={config.batch_size} is larger than the training split ({len(data.splits['train'])})"
-        )
     total_steps = steps_per_epoch * config.num_epochs
     inputs = _cached_inputs(setup, run) if config_lib.uses_cached_features(config) else _online_inputs(setup)
     engine = Engine(

@@ -39,6 +39,8 @@ FORMAT = "fxjax-classifier"
 FORMAT_VERSION = 1
 EXPORT_FILES = ("config.json", "environment.json", "summary.json")
 _HF_SIDE_FILES = ("config.json", "preprocessor_config.json")
+SPEC_KEYS = ("backbone", "class_names", "preprocess", "head", "dtype", "param_dtype")  # what loading reads
+SPEC_BACKBONE_KEYS = ("name", "revision", "weight_sha256")
 
 
 class WeightHashError(ValueError):
@@ -56,7 +58,9 @@ def export(workdir: str | Path, out: str | Path, *, with_backbone: bool = False)
     """
     run = read_run(workdir, EXPORT_FILES)
     out = Path(out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; choose another output folder")
+    if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} already exists and is not empty; choose another output folder")
     step = run.summary.get("best_step")
     if step is None:
@@ -66,6 +70,11 @@ def export(workdir: str | Path, out: str | Path, *, with_backbone: bool = False)
         saved = checkpoint.read_params(run.dir.checkpoints, step)
     except FileNotFoundError as err:
         raise RunDirError(f"{err} (summary.json best_step={step})") from None
+    except (ValueError, OSError, RuntimeError) as err:  # Orbax / tensorstore on truncated or altered files
+        why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunDirError(
+            f"the checkpoint of step {step} in {run.dir.checkpoints} is damaged ({why}); it cannot be exported"
+        ) from None
     # The winning head of the checkpoint's stacked heads [H, ...] of its feature variant.
     group = winner["variant"] + "."
     params = {name[len(group) :]: value[winner["index"]] for name, value in saved.items() if name.startswith(group)}
@@ -196,23 +205,36 @@ def load_classifier(path: str | Path) -> ExportedClassifier:
     spec_file = folder / "classifier.json"
     if not spec_file.is_file():
         raise FileNotFoundError(f"{spec_file} is missing: is {str(folder)!r} a folder written by launch.export?")
-    spec = json.loads(spec_file.read_text())
-    if spec.get("format") != FORMAT or spec.get("format_version", 0) > FORMAT_VERSION:
+    try:
+        spec = json.loads(spec_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{spec_file} is not valid JSON ({err}); export the run again") from None
+    if not isinstance(spec, dict) or spec.get("format") != FORMAT or spec.get("format_version", 0) > FORMAT_VERSION:
+        found = spec if isinstance(spec, dict) else {}
         raise ValueError(
             f"{spec_file}: not an {FORMAT} v{FORMAT_VERSION} file "
-            f"(format={spec.get('format')!r} version={spec.get('format_version')!r})"
+            f"(format={found.get('format')!r} version={found.get('format_version')!r})"
         )
+    # Every field is read before the backbone loads: a damaged file costs no load.
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    missing += [f"backbone.{k}" for k in SPEC_BACKBONE_KEYS if k not in (spec.get("backbone") or {})]
+    if missing:
+        raise ValueError(f"{spec_file} lacks {', '.join(missing)}; export the run again")
+    try:
+        class_names = [str(name) for name in spec["class_names"]]
+        preprocess = PreprocessSpec(**spec["preprocess"])
+        head_spec = {"hidden_dims": tuple(spec["head"]["hidden_dims"]), "dropout": float(spec["head"]["dropout"])}
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(
+            f"{spec_file} has a malformed field ({type(err).__name__}: {err}); export the run again"
+        ) from None
+    weights_file = folder / "head.safetensors"
+    tensors = _read_head(weights_file)
     backbone = _load_backbone(spec, folder)
-    head = Head(
-        backbone.variant_dim(spec.get("variant", "pooled")),
-        len(spec["class_names"]),
-        hidden_dims=tuple(spec["head"]["hidden_dims"]),
-        dropout=spec["head"]["dropout"],
-        rngs=nnx.Rngs(0),
-    )
+    head = Head(backbone.variant_dim(spec.get("variant", "pooled")), len(class_names), **head_spec, rngs=nnx.Rngs(0))
     model = Classifier(backbone.module, head, spec.get("variant", "pooled"))
-    _assign(model, folder / "head.safetensors")
-    return ExportedClassifier(model, list(spec["class_names"]), PreprocessSpec(**spec["preprocess"]), spec)
+    _assign(model, weights_file, tensors)
+    return ExportedClassifier(model, class_names, preprocess, spec)
 
 
 def _load_backbone(spec: dict, folder: Path) -> Backbone:
@@ -240,13 +262,22 @@ def _load_backbone(spec: dict, folder: Path) -> Backbone:
     return backbone
 
 
-def _assign(model: nnx.Module, path: Path) -> None:
-    """Puts the saved tensors into `model`; every mismatch (unknown name, shape) is listed before failing."""
+def _read_head(path: Path) -> dict[str, np.ndarray]:
+    """The head's tensors, or a one-line error naming the file (read before the backbone loads)."""
     from safetensors.numpy import load_file
 
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
-    tensors = load_file(str(path))
+        raise FileNotFoundError(f"{path} is missing; export the run again")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError (or OSError) on a damaged file
+        raise ValueError(f"{path} is damaged ({err}); export the run again") from None
+
+
+def _assign(model: nnx.Module, path: Path, tensors: dict[str, np.ndarray] | None = None) -> None:
+    """Puts the saved tensors (read from `path` unless given) into `model`; every mismatch (unknown name,
+    shape) is listed before failing."""
+    tensors = _read_head(path) if tensors is None else tensors
     state = nnx.state(model)
     variables = {path_str(p): v for p, v in nnx.to_flat_state(state)}
     problems = [f"{name}: not in the model" for name in tensors if name not in variables]

@@ -32,9 +32,22 @@ PACKAGES = (
 )
 
 
+def check_workdir(workdir: str | Path) -> Path:
+    """Fails with a one-line error naming it if the workdir could not be created or written; writes nothing (runs
+    call it before loading anything, so a bad --workdir costs no backbone load and leaves no trace)."""
+    path = Path(workdir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        what = "is a file, not a directory" if existing == path else f"cannot be created: {existing} is a file"
+        raise NotADirectoryError(f"workdir {str(path)!r} {what}; choose another --workdir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"workdir {str(path)!r} is not writable ({existing}); choose another --workdir")
+    return path
+
+
 def prepare(workdir: str | Path) -> Path:
     """Creates the workdir and proves it writable, or fails with a one-line error naming it."""
-    path = Path(workdir).expanduser().absolute()
+    path = check_workdir(workdir)
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -170,6 +183,11 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / self.CHECKPOINTS
+
+    def check(self) -> RunDir:
+        """Fails if the directory could not be created or written; writes nothing."""
+        check_workdir(self.path)
+        return self
 
     def prepare(self) -> RunDir:
         """Creates the directory and proves it writable, or fails with a one-line error naming it."""

@@ -108,10 +108,10 @@ class Setup:
         {variant: [n, d]}}, labels {split: [n]}, hits {split: bool})."""
         from fxjax.features import extract
 
-        c = self.config
+        c, data = self.config, self.data  # the data first: a bad source is refused before the backbone loads
         return extract.cached_features(
             self.backbone,
-            self.data,
+            data,
             mesh=self.mesh,
             batch_size=c.eval_batch_size,
             cache_dir=c.cache_dir,
@@ -122,12 +122,28 @@ class Setup:
             variants=tuple(dict.fromkeys((*self.variants, *(("embedding",) if "zeroshot" in c.probes else ())))),
         )
 
+    def check(self, run: RunDir) -> None:
+        """Refuses a run that cannot start or may not continue in `run`, reading only: the splits, the batch size,
+        then (for a workdir that holds a run) the recorded meaning — before the backbone loads — and the classes
+        and weights."""
+        c, data = self.config, self.data
+        for split in ("train", "val", "test"):
+            if len(data.splits[split]) == 0:
+                raise ValueError(
+                    f"the {split} split of {data.name} is empty (config.data.val_fraction / test_fraction carve val "
+                    "and test where a dataset has none): the run could not be selected or scored"
+                )
+        if len(data.splits["train"]) < c.batch_size:
+            train = len(data.splits["train"])
+            raise ValueError(f"config.batch_size={c.batch_size} is larger than the training split ({train})")
+        if run.has(RunDir.CONFIG) and (run.checkpoints.exists() or run.has(RunDir.SUMMARY)):
+            check_same_meaning(run, run.read(RunDir.CONFIG), c.to_dict())
+        check_resumable(run, self.backbone, data)
+
     def record(self, run: RunDir) -> None:
         """Checks that `run` may be (re)started with this setup, then writes config.json and environment.json
         (a finished run's record is never rewritten)."""
-        if run.has(RunDir.CONFIG) and (run.checkpoints.exists() or run.has(RunDir.SUMMARY)):
-            check_same_meaning(run, run.read(RunDir.CONFIG), self.config.to_dict())
-        check_resumable(run, self.backbone, self.data)
+        self.check(run)
         if jax.process_index() == 0 and not run.has(RunDir.SUMMARY):
             run.write(RunDir.CONFIG, self.config.to_dict())
             run.write(RunDir.ENVIRONMENT, self.environment())

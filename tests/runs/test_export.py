@@ -198,17 +198,16 @@ def test_predict_prints_a_line_per_image_and_json(exported, tmp_path, capsys):
     (folder / "broken.png").write_bytes(b"not an image")
     expected = sorted(p for p in folder.rglob("*") if p.is_file())
 
-    assert predict_cli.main([str(exported), str(folder), "--top-k", "3", "--batch-size", "2"]) == 1
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split(": ")[0] for line in lines] == [str(p) for p in expected]
-    broken = lines[[p.name for p in expected].index("broken.png")]
-    assert ": error: " in broken
-    good = [line for line in lines if line != broken]
-    assert all(len(line.split(": ", 1)[1].split(", ")) == 3 for line in good)
+    assert predict_cli.main([str(exported), str(folder), "--top-k", "3", "--batch-size", "2"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(p) for p in expected if p.name != "broken.png"]
+    assert all(len(line.split(": ", 1)[1].split(", ")) == 3 for line in lines)
+    assert captured.err.startswith(f"warning: skipped {folder / 'broken.png'}: ") and captured.err.count("\n") == 1
 
     image = folder / "img0.png"
     argv = [str(exported), str(image), str(folder / "missing.jpg"), "--json", "--batch-size", "2"]
-    assert predict_cli.main(argv) == 1
+    assert predict_cli.main(argv) == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in results] == [str(image), str(folder / "missing.jpg")]
     top = results[0]["predictions"]
@@ -216,3 +215,43 @@ def test_predict_prints_a_line_per_image_and_json(exported, tmp_path, capsys):
     assert "error" in results[1]
     as_line = ", ".join(f"{p['class']} {p['probability']:.3f}" for p in top[:3])
     assert f"{image}: {as_line}" in lines
+
+
+def test_predict_skips_an_image_over_the_pixel_limit_and_classifies_the_others(exported, tmp_path, capsys, monkeypatch):
+    good, bomb, warned = tmp_path / "good.png", tmp_path / "bomb.png", tmp_path / "warned.png"
+    Image.fromarray(np.full((8, 8), 90, np.uint8)).save(good)
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(bomb)  # 1600 px: over twice the limit below, an error
+    Image.fromarray(np.zeros((12, 12), np.uint8)).save(warned)  # 144 px: over the limit, only a warning in PIL
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    assert predict_cli.main([str(exported), str(bomb), str(good), str(warned)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"{good}: ") and captured.out.count("\n") == 1
+    err = captured.err.splitlines()
+    assert [line.split(": ", 2)[1] for line in err] == [f"skipped {bomb}", f"skipped {warned}"]
+    assert all("exceeds limit of" in line and "decompression bomb" in line for line in err)
+
+    assert predict_cli.main([str(exported), str(bomb)]) == 2  # nothing readable: bad input
+    assert capsys.readouterr().err.splitlines()[-1] == "error: none of the 1 images could be read"
+
+
+def test_damaged_classifier_files_are_one_line_errors_naming_the_file(exported, tmp_path, capsys):
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    spec = json.loads((exported / "classifier.json").read_text())
+    cases = {
+        "truncated head": ("head.safetensors", (exported / "head.safetensors").read_bytes()[:100], "is damaged"),
+        "malformed json": ("classifier.json", b'{"format": "fxjax-classifier", ', "is not valid JSON"),
+        "missing key": (
+            "classifier.json",
+            json.dumps({k: v for k, v in spec.items() if k != "head"}).encode(),
+            "lacks head",
+        ),
+        "malformed field": ("classifier.json", json.dumps({**spec, "preprocess": [1]}).encode(), "malformed field"),
+    }
+    for name, (file, content, words) in cases.items():
+        damaged = tmp_path / name.replace(" ", "_")
+        shutil.copytree(exported, damaged)
+        (damaged / file).write_bytes(content)
+        assert predict_cli.main([str(damaged), str(image)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {damaged / file}") and words in err, (name, err)
