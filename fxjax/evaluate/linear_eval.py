@@ -64,13 +64,15 @@ class FittedHeads:
     params: dict
     rows: list[dict[str, Any]]
 
-    def head_params(self, row: dict[str, Any]):
-        return jax.tree.map(lambda a: a[row["index"]], self.params[row["variant"]])
+    def model(self, row: dict[str, Any]) -> Classifier:
+        """One head as a module of its own (its slice of the stacked parameters)."""
+        group = row["variant"]
+        params = jax.tree.map(lambda a: a[row["index"]], self.params[group])
+        return nnx.merge(self.engine.graphdefs[group], params, self.engine.frozen[group])
 
     def logits(self, row: dict[str, Any], x: np.ndarray, chunk: int = 4096) -> np.ndarray:
         """One head's class scores [n, c] on features x [n, d]."""
-        group = row["variant"]
-        model = nnx.merge(self.engine.graphdefs[group], self.head_params(row), self.engine.frozen[group])
+        model = self.model(row)
         return np.concatenate([np.asarray(model(x[i : i + chunk])) for i in range(0, len(x), chunk)])
 
 
