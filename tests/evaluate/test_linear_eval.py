@@ -27,7 +27,7 @@ dinov2_linear, dinov2_utils = dinov2_eval.load()
 
 CLASSES, DIM, PATCHES, BLOCKS = 4, 6, 5, 4
 STEPS, BATCH = 6, 16
-# DINOv2 keys its heads by name with the lr to 5 decimals: below a global batch of ~200, 1e-5 x batch / 256 and
+# DINOv2 keys its heads by name with the lr to 5 decimals: at a global batch <= 184, 1e-5 x batch / 256 and
 # 2e-5 x batch / 256 print alike and its ModuleDict keeps one of them. At 256 the 52 names are distinct.
 NAMED_BATCH = 256
 
