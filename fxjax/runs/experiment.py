@@ -25,7 +25,7 @@ from fxjax import config as config_lib, parallel
 from fxjax.data import images
 from fxjax.data.features import FeatureBatches, feature_eval_batches
 from fxjax.data.sources import split_labels
-from fxjax.evaluate import protocols
+from fxjax.evaluate import catalog, protocols
 from fxjax.heads import freeze
 from fxjax.heads.engine import Engine, NonFiniteLossError, TrainState, head_rows, score, select
 from fxjax.heads.heads import Classifier, make_head
@@ -144,11 +144,7 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
     start = time.perf_counter()
     feats, labels, hits = setup.cached_features()
     extras = {"feature_cache_hits": hits, "extract_seconds": time.perf_counter() - start}
-    entries, files = protocols.on_features(config, feats, labels, data.num_classes, setup.zero_shot)
-    if jax.process_index() == 0:
-        for name, content in files.items():
-            run.write(name, content)
-    extras |= entries
+    extras |= _feature_evaluations(setup, run, feats, labels)
     grid = [
         (lr, wd)
         for lr in (config.sweep.learning_rates or (config.optimizer.learning_rate,))
@@ -179,6 +175,18 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
 def _assign_linear(layer, weights: dict) -> None:
     layer.kernel.set_value(jnp.asarray(weights["kernel"], layer.kernel.get_value().dtype))
     layer.bias.set_value(jnp.asarray(weights["bias"], layer.bias.get_value().dtype))
+
+
+def _feature_evaluations(setup: Setup, run: RunDir, feats: dict, labels: dict) -> dict:
+    """What the run computes on its cached features besides the heads — probes, few-shot, zero-shot and the
+    named config.protocols: their tables go into the run directory, their summary entries are returned."""
+    config, classes = setup.config, setup.data.num_classes
+    entries, files = protocols.on_features(config, feats, labels, classes, setup.zero_shot)
+    named, named_files = catalog.on_features(config, feats, labels, classes, mesh=setup.mesh)
+    if jax.process_index() == 0:
+        for name, content in (files | named_files).items():
+            run.write(name, content)
+    return entries | named
 
 
 def _online_inputs(setup: Setup) -> Inputs:

@@ -103,6 +103,15 @@ class Setup:
             dtype=c.dtype, param_dtype=c.param_dtype,
         )  # fmt: skip
 
+    @property
+    def extract_variants(self) -> tuple[str, ...]:
+        """The feature variants extracted: the heads', the zero-shot probe's embedding, and those config.protocols
+        read (dinov2_linear's four)."""
+        from fxjax.evaluate import catalog
+
+        zero_shot = ("embedding",) if "zeroshot" in self.config.probes else ()
+        return tuple(dict.fromkeys((*self.variants, *zero_shot, *catalog.needed_variants(self.config.protocols))))
+
     def cached_features(self):
         """Every split's features from the cache, extracted into it first where missing: → (features {split:
         {variant: [n, d]}}, labels {split: [n]}, hits {split: bool})."""
@@ -119,7 +128,7 @@ class Setup:
             param_dtype=c.param_dtype,
             worker_count=c.data.worker_count,
             param_sharding=self.param_sharding,
-            variants=tuple(dict.fromkeys((*self.variants, *(("embedding",) if "zeroshot" in c.probes else ())))),
+            variants=self.extract_variants,
         )
 
     def check(self, run: RunDir) -> None:
