@@ -124,7 +124,7 @@ def _slug(name: str) -> str:
     """A file-name-safe folder for a backbone or dataset name; a hash keeps altered names apart."""
     if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         return name
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[-48:]
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label(name)).strip("._-")[-48:]
     return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
