@@ -71,6 +71,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.fewshot.ks = ()  # e.g. (1, 5, 10); empty: no few-shot protocol
     c.fewshot.seeds = (0, 1, 2)  # one draw of the k examples per seed
     c.fewshot.probe = "logistic"  # ridge | logistic
+    # Named evaluation protocols on the cached features, with the papers' settings (docs/protocols.md): any of
+    # dinov2_knn, dinov2_logreg, clip_linear_probe, bigvision_fewshot, fewshot_logistic, dinov2_linear, vtab1k.
+    # Results go to protocols.json / protocols.md and the summary.
+    c.protocols = ()
+    # Per-protocol settings over its defaults, checked against them: protocol_overrides.dinov2_linear.steps = 500.
+    c.protocol_overrides = ml_collections.ConfigDict()
 
     c.batch_size = 64  # global, over all devices and hosts
     c.eval_batch_size = 256  # feature extraction and evaluation; global
@@ -88,10 +94,16 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Keys whose sub-keys are free-form here and checked by `validate` (each protocol's own settings).
+FREE_FORM = ("protocol_overrides",)
+
+
 def _unknown_keys(user, reference, prefix="") -> list[str]:
     problems = []
     for key in user.keys():
         name = f"{prefix}{key}"
+        if name in FREE_FORM:
+            continue
         if key not in reference:
             close = difflib.get_close_matches(key, list(reference.keys()), n=1)
             problems.append(f"{name!r}" + (f" (did you mean {prefix + close[0]!r}?)" if close else ""))
@@ -118,10 +130,18 @@ _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
 
 def _merge(dst: ml_collections.ConfigDict, src: ml_collections.ConfigDict, prefix: str = "") -> None:
     for key in src.keys():
-        if isinstance(src[key], ml_collections.ConfigDict):
+        if prefix + key in FREE_FORM:
+            dst[key] = ml_collections.ConfigDict(_as_dict(src[key], prefix + key))
+        elif isinstance(src[key], ml_collections.ConfigDict):
             _merge(dst[key], src[key], f"{prefix}{key}.")
         else:
             _set(dst, key, src[key], prefix + key)
+
+
+def _as_dict(node, name: str) -> dict:
+    if not isinstance(node, (dict, ml_collections.ConfigDict)):
+        raise ValueError(f"config.{name}={node!r}: expected a group of keys (config.{name}.<protocol>.<setting>)")
+    return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else dict(node)
 
 
 def overlay(user: ml_collections.ConfigDict, reference: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -148,6 +168,16 @@ def override(
     """Applies a command-line override `--config.a.b=text`, parsed as the type of the key's default in `schema`
     (default: the run schema, `default_config()`)."""
     keys = dotted.split(".")
+    if schema is None and keys[0] in FREE_FORM:
+        if len(keys) != 3:
+            raise ValueError(f"config.{dotted}: set one setting, as config.{keys[0]}.<protocol>.<setting>=<value>")
+        if keys[0] not in config:
+            config[keys[0]] = ml_collections.ConfigDict()
+        group = config[keys[0]]
+        if keys[1] not in group:
+            group[keys[1]] = ml_collections.ConfigDict()
+        group[keys[1]][keys[2]] = _literal(text)
+        return
     node, reference = config, default_config() if schema is None else schema
     for i, key in enumerate(keys):
         if not isinstance(reference, ml_collections.ConfigDict) or key not in reference:
@@ -162,6 +192,17 @@ def override(
     if isinstance(reference[keys[-1]], ml_collections.ConfigDict):
         raise ValueError(f"config.{dotted} is a group of keys; set one of them, e.g. config.{dotted}.<key>")
     node[keys[-1]] = parse_value(text, reference.get_type(keys[-1]), dotted)
+
+
+def _literal(text: str):
+    """A free-form value from the command line: a Python literal (number, tuple, bool), else the text."""
+    import ast
+
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return tuple(value) if isinstance(value, list) else value
 
 
 def parse_value(text: str, expected: type, name: str):
@@ -299,13 +340,19 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     unknown = [v for v in c.sweep.feature_variants if v not in VARIANTS]
     check(not unknown, f"config.sweep.feature_variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    _check_protocols(c)
     needs_features = bool(
-        c.sweep.learning_rates or c.sweep.weight_decays or c.sweep.feature_variants or c.probes or c.fewshot.ks
+        c.sweep.learning_rates
+        or c.sweep.weight_decays
+        or c.sweep.feature_variants
+        or c.probes
+        or c.fewshot.ks
+        or c.protocols
     )
     check(
         not needs_features or uses_cached_features(c),
-        "config.sweep, config.probes and config.fewshot work on cached features: they need config.freeze='all' "
-        "and config.data.augment=False",
+        "config.sweep, config.probes, config.fewshot and config.protocols work on cached features: they need "
+        "config.freeze='all' and config.data.augment=False",
     )
     check(
         not (c.sweep.learning_rates or c.sweep.weight_decays) or c.head.kind == "linear",
@@ -315,6 +362,26 @@ def validate(c: ml_collections.ConfigDict) -> None:
         c.mode != "cached" or (c.freeze == "all" and not c.data.augment),
         "config.mode='cached' needs config.freeze='all' and config.data.augment=False (features must not change)",
     )
+
+
+def _check_protocols(c: ml_collections.ConfigDict) -> None:
+    """config.protocols names known protocols, once each; every override is a known setting of a listed one."""
+    from fxjax.evaluate import catalog
+
+    names = tuple(c.protocols)
+    unknown = [n for n in names if n not in catalog.NAMES]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(
+            f"config.protocols={names}: {'unknown ' + repr(unknown[0]) if unknown else 'a name is repeated'}; "
+            f"choose from {', '.join(catalog.NAMES)}"
+        )
+    for name in c.protocol_overrides.keys():
+        if name not in names:
+            raise ValueError(
+                f"config.protocol_overrides.{name}: {name!r} is not in config.protocols={names}; add it, or drop "
+                "the overrides"
+            )
+        catalog.check_overrides(name, _as_dict(c.protocol_overrides[name], f"protocol_overrides.{name}"))
 
 
 def uses_cached_features(c: ml_collections.ConfigDict) -> bool:

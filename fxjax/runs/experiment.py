@@ -24,7 +24,7 @@ from fxjax import config as config_lib, parallel
 from fxjax.data import images
 from fxjax.data.features import FeatureBatches, feature_eval_batches
 from fxjax.data.sources import split_labels
-from fxjax.evaluate import protocols
+from fxjax.evaluate import catalog, protocols
 from fxjax.heads import freeze
 from fxjax.heads.engine import Engine, NonFiniteLossError, TrainState, head_rows, score, select
 from fxjax.heads.heads import Classifier, make_head
@@ -156,6 +156,7 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
         for name, content in files.items():
             run.write(name, content)
     extras |= entries
+    extras |= _named_protocols(setup, run, feats, labels)
     grid = [
         (lr, wd)
         for lr in (config.sweep.learning_rates or (config.optimizer.learning_rate,))
@@ -179,6 +180,15 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
         freeze.trainable(()),  # a head alone: all of it trains; XLA's default options suit its skinny matmuls
         extras=extras,
     )
+
+
+def _named_protocols(setup: Setup, run: RunDir, feats: dict, labels: dict) -> dict:
+    """config.protocols on the cached features: protocols.json / protocols.md, and their summary entries."""
+    entries, files = catalog.on_features(setup.config, feats, labels, setup.data.num_classes, mesh=setup.mesh)
+    if jax.process_index() == 0:
+        for name, content in files.items():
+            run.write(name, content)
+    return entries
 
 
 def _online_inputs(setup: Setup) -> Inputs:

@@ -400,6 +400,39 @@ _CAPTIONS = {
 }
 
 
+def _percent(entry: dict | None) -> str:
+    """A protocol metric as `value [ci_low, ci_high]` in percent (– where it is not defined)."""
+    if not entry or entry.get("value") is None:
+        return "–"
+    text = f"{100 * entry['value']:.1f}"
+    if entry.get("ci_low") is not None and entry.get("ci_high") is not None:
+        text += f" [{100 * entry['ci_low']:.1f}, {100 * entry['ci_high']:.1f}]"
+    return text
+
+
+def _protocols_section(run: Run) -> str:
+    """The named protocols' table (protocols.json): chosen setting, test metrics with 95% bootstrap intervals."""
+    results = run.dir.read(RunDir.PROTOCOLS, default={}).get("results") or []
+    if not results:
+        return ""
+    rows = []
+    for r in results:
+        sel, metrics = r.get("selection") or {}, r.get("metrics") or {}
+        chosen = f"{sel.get('param')}={sel.get('value')} ({sel.get('on')})" if sel.get("param") else "–"
+        batch = (r.get("settings") or {}).get("global_batch")
+        rows.append(
+            [r.get("protocol"), chosen, *(_percent(metrics.get(k)) for k in ("top1", "top5", "mean_per_class_recall")),
+             "–" if batch is None else batch]
+        )  # fmt: skip
+    header = ["protocol", "chosen", "top-1 % [95% CI]", "top-5 %", "mean per-class recall %", "global batch"]
+    return (
+        '<section id="protocols"><h2>Named protocols on the cached features</h2>'
+        + _table(header, rows, table_id="protocols-table")
+        + "<p class=note>Every head's numbers: protocols.json; the global batch scales the linear heads' learning "
+        "rates (x batch / 256).</p></section>"
+    )
+
+
 def _report_html(
     run: Run, figures: dict, notes: dict, sweep: dict | None, fewshot: dict | None, probes: dict | None = None
 ) -> str:
@@ -483,4 +516,5 @@ def _report_html(
             + _table(["k", "probe", "mean accuracy", "std", "seeds"], rows, table_id="fewshot-table")
             + "</section>"
         )
+    body.append(_protocols_section(run))
     return _page(f"fxjax report: {run.path.name}", body)

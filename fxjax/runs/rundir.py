@@ -154,6 +154,7 @@ class RunDir:
     SWEEP, SWEEP_TABLE = "sweep.json", "sweep.md"
     PROBES, PROBES_TABLE = "probes.json", "probes.md"
     FEWSHOT, FEWSHOT_TABLE = "fewshot.json", "fewshot.md"
+    PROTOCOLS, PROTOCOLS_TABLE = "protocols.json", "protocols.md"  # config.protocols (fxjax.evaluate.catalog)
     REPORT = "report.html"
     CHECKPOINTS = "checkpoints"
     TENSORBOARD = "tensorboard"

@@ -78,6 +78,13 @@ class Setup:
         """The feature variants a run's heads train on: pooled, plus the sweep's others."""
         return ("pooled", *(v for v in self.config.sweep.feature_variants if v != "pooled"))
 
+    @property
+    def extract_variants(self) -> tuple[str, ...]:
+        """The feature variants extracted: the heads', plus those config.protocols read (dinov2_linear's four)."""
+        from fxjax.evaluate import catalog
+
+        return tuple(dict.fromkeys((*self.variants, *catalog.needed_variants(self.config.protocols))))
+
     def cached_features(self):
         """Every split's features from the cache, extracted into it first where missing: → (features {split:
         {variant: [n, d]}}, labels {split: [n]}, hits {split: bool})."""
@@ -94,7 +101,7 @@ class Setup:
             param_dtype=c.param_dtype,
             worker_count=c.data.worker_count,
             param_sharding=self.param_sharding,
-            variants=self.variants,
+            variants=self.extract_variants,
         )
 
     def record(self, run: RunDir) -> None:
