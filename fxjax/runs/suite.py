@@ -27,8 +27,7 @@ from matplotlib.figure import Figure
 from ml_collections import config_dict
 
 from fxjax import config as config_lib
-from fxjax.evaluate import recipes
-from fxjax.evaluate.linear_specs import LINEAR_SPECS
+from fxjax.evaluate import catalog
 from fxjax.evaluate.results import ProtocolResult, markdown_table
 from fxjax.progress import Progress
 from fxjax.runs import rundir
@@ -54,14 +53,22 @@ def _run_schema() -> ml_collections.ConfigDict:
     return run
 
 
+def _settings_schema(name: str) -> ml_collections.ConfigDict:
+    """A protocol's settings as typed keys; a default of None (derived from the batch) takes an integer."""
+    settings = ml_collections.ConfigDict()
+    for key, value in catalog.protocol_defaults(name).items():
+        settings[key] = config_dict.placeholder(int) if value is None else value
+    return settings
+
+
 def suite_schema() -> ml_collections.ConfigDict:
     """Every key a suite config may set, with its default and type (overrides are parsed as these types)."""
     c = ml_collections.ConfigDict()
     c.backbones = ()  # built-in names, checkpoint folders or files, Hub ids (as config.backbone takes them)
     c.datasets = ()  # data sources (as config.data.source takes them)
-    c.protocols = ()  # names in fxjax.evaluate.recipes.PROTOCOLS
-    # Per-protocol settings, defaulting to the reference's own (recipes.PROTOCOLS[name].defaults).
-    c.overrides = ml_collections.ConfigDict({n: dict(p.defaults) for n, p in recipes.PROTOCOLS.items()})
+    c.protocols = ()  # names in fxjax.evaluate.catalog.NAMES (recipes and the SGD linear evaluations)
+    # Per-protocol settings, defaulting to the reference's own (catalog.protocol_defaults(name)).
+    c.overrides = ml_collections.ConfigDict({name: _settings_schema(name) for name in catalog.NAMES})
     c.data_dir = config_dict.placeholder(str)  # TFDS data_dir, or the folder of IDX files
     c.image_size = config_dict.placeholder(int)  # every backbone's input size; unset: each backbone's own
     c.seed = 0  # the run seed of every (backbone, dataset)
@@ -80,13 +87,8 @@ def resolve_suite(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if repeated:
             raise ValueError(f"config.{key} lists {repeated[0]!r} twice")
     for name in suite.protocols:
-        if name in LINEAR_SPECS:
-            raise ValueError(
-                f"config.protocols: {name!r} trains heads by SGD, which the suite runner does not run yet; "
-                f"use the feature protocols {', '.join(recipes.PROTOCOLS)}"
-            )
-        if name not in recipes.PROTOCOLS:
-            raise ValueError(f"config.protocols: unknown protocol {name!r}; known: {', '.join(recipes.PROTOCOLS)}")
+        if name not in catalog.NAMES:
+            raise ValueError(f"config.protocols: unknown protocol {name!r}; known: {', '.join(catalog.NAMES)}")
     for name in suite.datasets:
         if name.startswith("vtab:"):
             raise ValueError(
@@ -117,6 +119,7 @@ def pair_config(suite: ml_collections.ConfigDict, backbone: str, dataset: str) -
     config = config_lib.overlay(suite.run, config_lib.default_config())
     config.backbone, config.data.source, config.data.data_dir = backbone, dataset, suite.data_dir
     config.image_size, config.seed = suite.image_size, suite.seed
+    config.protocols = tuple(suite.protocols)  # Setup extracts the feature variants they read
     return config_lib.resolve(config)
 
 
@@ -161,7 +164,8 @@ def plan(suite: ml_collections.ConfigDict) -> list[Cell]:
         for dataset in suite.datasets:
             config = pair_config(suite, backbone, dataset)
             run = config.to_dict()
-            run.pop("sweep")  # which extra feature variants are cached does not change the pooled features
+            for key in ("sweep", "protocols", "protocol_overrides"):  # what else is computed: not this cell's meaning
+                run.pop(key)
             for protocol in suite.protocols:
                 meaning = _plain({**run, "protocol": protocol, "settings": suite.overrides[protocol].to_dict()})
                 file = f"{CELLS}/{_slug(backbone)}/{_slug(dataset)}/{protocol}.json"
@@ -225,16 +229,17 @@ def _run_cells(root: RunDir, cells: list[Cell], primary: bool) -> None:
                         "weights or other data (weight or dataset fingerprint differs): use a new --workdir"
                     )
             feats, labels, _ = setup.cached_features()
-            splits = {s: (np.asarray(feats[s]["pooled"]), np.asarray(labels[s])) for s in SPLITS}
+            feats = {s: {v: np.asarray(x) for v, x in feats[s].items()} for s in SPLITS}
             for cell in todo:
                 start = time.perf_counter()
-                result = recipes.run(
+                result = catalog.evaluate_protocol(
                     cell.protocol,
-                    splits["train"],
-                    splits["test"],
+                    feats,
+                    labels,
                     setup.data.num_classes,
-                    splits["val"],
-                    **cell.meaning["settings"],
+                    mesh=setup.mesh,
+                    seed=setup.config.seed,
+                    overrides=cell.meaning["settings"],
                 )
                 result.labels = {"backbone": label(backbone), "dataset": label(dataset)}
                 record = {

@@ -203,7 +203,8 @@ def test_a_rerun_that_changes_what_finished_cells_mean_is_refused_in_one_line(ru
         ("--config.protocls=dinov2_knn", "unknown config key 'protocls' (did you mean 'protocols'?)"),
         ("--config.overrides.dinov2_knn.kk=3", "unknown config key 'overrides.dinov2_knn.kk'"),
         ("--config.protocols=dinov2_knn,nope", "unknown protocol 'nope'"),
-        ("--config.protocols=vtab1k", "'vtab1k' trains heads by SGD"),
+        ("--config.protocols=dinov2_knn,dinov2_knn", "config.protocols lists 'dinov2_knn' twice"),
+        ("--config.datasets=vtab:dtd", "VTAB-1k task splits"),
     ],
 )
 def test_bad_suite_values_exit_2_with_one_line(change, message, tmp_path, capsys):
@@ -211,6 +212,22 @@ def test_bad_suite_values_exit_2_with_one_line(change, message, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "w").exists()
+
+
+def test_sgd_protocols_run_as_cells_on_the_variants_they_read(args, tmp_path):
+    """dinov2_linear through the catalog: its 4 feature variants extracted, 52 heads, the global batch recorded."""
+    workdir = tmp_path / "linear"
+    vit, shapes = args[2].split(",")[1], args[3].split(",")[1]
+    settings = {"epochs": 1, "epoch_length": 4, "batch_size": 16, "bootstrap": 100}
+    linear = [f"--config.backbones={vit}", f"--config.datasets={shapes}", "--config.protocols=dinov2_linear"]
+    linear += [f"--config.overrides.dinov2_linear.{k}={v}" for k, v in settings.items()]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(["suite", *args[:2], *args[4:], *linear, "--workdir", str(workdir)]) == 0
+    (cell,) = json.loads((workdir / "suite.json").read_text())["cells"]
+    result = cell["result"]
+    assert cell["protocol"] == "dinov2_linear" and len(result["rows"]) == 52
+    assert {r["variant"] for r in result["rows"]} == {"pooled", "pooled_avgpool", "cls_last4", "cls_last4_avgpool"}
+    assert result["splits"]["global_batch"] > 0 and 0 <= result["metrics"]["top1"]["value"] <= 1
 
 
 def test_the_report_renders_its_heatmap_in_a_headless_browser(runs, tmp_path):
