@@ -186,7 +186,7 @@ def _environment(setup: Setup) -> dict:
 
 
 def run_suite(suite_config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Runs (or resumes) the suite in `workdir`; → the contents of suite.json."""
+    """Runs (or resumes) the suite in `workdir`; → the contents of suite.json (on process 0; {} elsewhere)."""
     suite = resolve_suite(suite_config)
     cells = plan(suite)
     root = RunDir(workdir).prepare()
@@ -199,11 +199,12 @@ def run_suite(suite_config: ml_collections.ConfigDict, workdir: str | Path) -> d
         if primary:
             root.write(SUITE_CONFIG, suite.to_dict())
         _run_cells(root, cells, primary)
+        if not primary:  # process 0 writes the cells; the others need not see its disk
+            return {}
         summary = {"suite": _plain(suite.to_dict()), **tabulate([root.read(c.file) for c in cells])}
-        if primary:
-            root.write(SUITE_JSON, summary)
-            root.write(SUITE_TABLE, suite_markdown(summary))
-            root.write(SUITE_REPORT, suite_html(summary, root.path))
+        root.write(SUITE_JSON, summary)
+        root.write(SUITE_TABLE, suite_markdown(summary))
+        root.write(SUITE_REPORT, suite_html(summary, root.path))
         return summary
     finally:
         if lock is not None:
