@@ -156,23 +156,31 @@ def _as_dict(node, name: str) -> dict:
     return node.to_dict() if isinstance(node, ml_collections.ConfigDict) else dict(node)
 
 
-def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Defaults overlaid with the user's config; an unknown key anywhere, or a value of the wrong type, is an
-    error that names it."""
-    reference = default_config()
+def overlay(user: ml_collections.ConfigDict, reference: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`reference` (a schema's defaults) overlaid in place with the user's config; an unknown key anywhere, or a
+    value of the wrong type, is an error that names it."""
     problems = _unknown_keys(user, reference)
     if problems:
         raise ValueError(f"unknown config key(s): {', '.join(problems)}")
     _merge(reference, user)
+    return reference
+
+
+def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Defaults overlaid with the user's config (`overlay`), then checked (`validate`)."""
+    reference = overlay(user, default_config())
     validate(reference)
     reference.lock()
     return reference
 
 
-def override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
-    """Applies a command-line override `--config.a.b=text`, parsed as the type of the key's default."""
+def override(
+    config: ml_collections.ConfigDict, dotted: str, text: str, schema: ml_collections.ConfigDict | None = None
+) -> None:
+    """Applies a command-line override `--config.a.b=text`, parsed as the type of the key's default in `schema`
+    (default: the run schema, `default_config()`)."""
     keys = dotted.split(".")
-    if keys[0] in FREE_FORM:
+    if schema is None and keys[0] in FREE_FORM:
         if len(keys) != 3:
             raise ValueError(f"config.{dotted}: set one setting, as config.{keys[0]}.<protocol>.<setting>=<value>")
         if keys[0] not in config:
@@ -182,7 +190,7 @@ def override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
             group[keys[1]] = ml_collections.ConfigDict()
         group[keys[1]][keys[2]] = _literal(text)
         return
-    node, reference = config, default_config()
+    node, reference = config, default_config() if schema is None else schema
     for i, key in enumerate(keys):
         if not isinstance(reference, ml_collections.ConfigDict) or key not in reference:
             choices = list(reference.keys()) if isinstance(reference, ml_collections.ConfigDict) else []

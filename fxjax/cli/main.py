@@ -24,6 +24,7 @@ COMMANDS = {
     "report": "fxjax.cli.report",
     "export": "fxjax.cli.export",
     "predict": "fxjax.cli.predict",
+    "suite": "fxjax.cli.suite",
     "config": "fxjax.cli.config",
 }
 

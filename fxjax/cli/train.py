@@ -28,12 +28,17 @@ from fxjax.cli.main import command_parser
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM with a checkpoint saved; rerun to resume
 
 
-def parse_args(argv: list[str], *, workdir_required: bool = True, command: str = "train", doc: str = __doc__):
+def parse_args(
+    argv: list[str],
+    *,
+    workdir_required: bool = True,
+    command: str = "train",
+    doc: str = __doc__,
+    workdir_help: str = "run directory (created; resumed if it has checkpoints)",
+):
     parser = command_parser(command, doc)
     parser.add_argument("--config", required=True, help="Python file with get_config(), or a shipped config's name")
-    parser.add_argument(
-        "--workdir", required=workdir_required, help="run directory (created; resumed if it has checkpoints)"
-    )
+    parser.add_argument("--workdir", required=workdir_required, help=workdir_help)
     parser.add_argument("--coordinator_address", help="host:port of process 0, for a multi-process run")
     parser.add_argument("--num_processes", type=int, help="processes in a multi-process run")
     parser.add_argument("--process_id", type=int, help="this process's index, 0 .. num_processes - 1")

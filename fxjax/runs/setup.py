@@ -185,9 +185,10 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_same_meaning(run: RunDir, recorded: dict, config: dict) -> None:
+def check_same_meaning(run: RunDir, recorded: dict, config: dict, what: str = "a run") -> None:
     """A run directory is the record of one experiment: a config that would change what its results mean (data,
-    split, backbone, preprocessing, head, optimisation, protocol) is refused, naming every key that changed."""
+    split, backbone, preprocessing, head, optimisation, protocol) is refused, naming every key that changed.
+    `what` names the record in the message (a suite's cell, say)."""
     old, new = _flat(recorded), _flat(config)
     free = set(RERUN_FREE)
     if new.get("sweep.learning_rates") or new.get("sweep.weight_decays"):
@@ -197,7 +198,7 @@ def check_same_meaning(run: RunDir, recorded: dict, config: dict) -> None:
         shown = ", ".join(f"{k} ({old.get(k)!r} → {new.get(k)!r})" for k in changed[:5])
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         raise ValueError(
-            f"workdir {str(run.path)!r} holds a run made with another config: {shown}{more} changed; that would "
+            f"workdir {str(run.path)!r} holds {what} made with another config: {shown}{more} changed; that would "
             "change what its results mean: use a new --workdir"
         )
 

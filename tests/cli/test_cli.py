@@ -18,7 +18,7 @@ from fxjax import config as config_lib
 from fxjax.cli import config as config_cli, main as cli
 
 ROOT = Path(__file__).resolve().parents[2]
-LAUNCHERS = ("train", "extract", "report", "export", "predict")
+LAUNCHERS = ("train", "extract", "report", "export", "predict", "suite")
 
 
 def leaf_keys(c: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

@@ -8,13 +8,12 @@ import io
 import json
 import shutil
 import struct
-import subprocess
-import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import screenshot
 from PIL import Image
 from tiny_run import tiny_run
 
@@ -23,7 +22,6 @@ from fxjax.runs import experiment
 from fxjax.runs.metrics import read_metrics
 
 FIGURES = ("curves", "confusion-matrix", "per-class-accuracy", "misclassified")
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
 class _Page(HTMLParser):
@@ -190,34 +188,7 @@ def test_comparison_has_one_table_with_both_runs_and_overlaid_curves(run, tmp_pa
 
 
 def test_headless_browser_renders_the_report(report, tmp_path):
-    browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
-    if browser is None:
-        pytest.skip("no headless browser installed (apt-get install chromium): the report's rendering is unchecked")
-    shot = tmp_path / "shot.png"
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [
-                browser,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={profile}",
-                "--hide-scrollbars",
-                "--window-size=1200,1400",
-                f"--screenshot={shot}",
-                report.absolute().as_uri(),
-            ],
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-    assert shot.is_file(), "the browser wrote no screenshot"
-    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    pixels = screenshot(report, tmp_path / "shot.png")
     assert (pixels.min(axis=2) < 200).mean() > 0.02, "screenshot is blank"
     r, g, b = pixels[..., 0], pixels[..., 1], pixels[..., 2]
     orange = (r > 220) & (g > 100) & (g < 160) & (b < 60)  # matplotlib's tab:orange, the validation curve
