@@ -35,7 +35,8 @@ CASES = {
         T.DINOv3ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 2], layer_scale_init_value=0.0)
     ),
 }
-PREFIX = {"vit": 1 + REGISTERS, "vit_gated": 1, "convnext": 1, "convnext_ls0": 1}  # tokens before the patches in last_hidden_state
+# tokens before the patches in last_hidden_state
+PREFIX = {"vit": 1 + REGISTERS, "vit_gated": 1, "convnext": 1, "convnext_ls0": 1}
 TOL = 1e-4
 
 

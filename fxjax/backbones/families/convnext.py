@@ -2,7 +2,7 @@
 
 Held as embeddings (patchify conv + LayerNorm) → stages (optional LayerNorm + 2x2 downsampling conv, then
 blocks) → final LayerNorm on the pooled features, so that freezing is counted in stages. Drop-path is the
-identity at inference and is left out. `ConvNextSpec` holds the architecture: `spec_from_config` reads a
+identity at inference and is left out. `ConvNextSpec` holds the architecture: `spec` reads a
 transformers config into it, timm's builder (`checkpoints.timm_cnn`) fills the options transformers lacks:
 global response normalisation in the MLP (ConvNeXt-V2), one eps for every LayerNorm, and an MLP pre-logits
 head (timm's `head_hidden_size`). `naming_rules` maps either layout's tensor names onto the module.
@@ -41,7 +41,7 @@ class ConvNextSpec:
     head_hidden: int = 0
 
 
-def spec_from_config(config) -> ConvNextSpec:
+def spec(config) -> ConvNextSpec:
     """The spec of a transformers `ConvNextConfig` (its `layer_scale_init_value <= 0` means no layer scale)."""
     stages = config.num_stages
     return ConvNextSpec(
@@ -114,7 +114,7 @@ class ConvNext(nnx.Module):
 
 def build(config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> ConvNext:
     """The module for a transformers `ConvNextConfig`."""
-    return ConvNext(spec_from_config(config), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return ConvNext(spec(config), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 ViT-7B. The blocks are HF ConvNeXt's (`layers.ConvNextBlock`), with `config.layer_norm_eps` in every LayerNorm
 and a layer scale always held (`gamma`, saved even when initialised to 0); stage 0 starts with the 4x4 patchify
 conv + LayerNorm, each later stage with LayerNorm + 2x2 conv. `DINOv3ConvNextSpec` holds the architecture,
-`spec_from_config` reads the transformers config into it.
+`spec` reads the transformers config into it.
 
 Outputs: `pooled` [n, c] is HF's `pooler_output`: the last stage's spatial mean through the final LayerNorm;
 `patch_tokens` [n, h*w, c] the last stage's positions through that LayerNorm (HF's `last_hidden_state` is
@@ -34,7 +34,7 @@ class DINOv3ConvNextSpec:
     eps: float = 1e-6
 
 
-def spec_from_config(config) -> DINOv3ConvNextSpec:
+def spec(config) -> DINOv3ConvNextSpec:
     """The spec of a transformers `DINOv3ConvNextConfig`; fxjax feeds RGB images, so 3 input channels only."""
     if config.num_channels != 3:
         raise ValueError(f"dinov3_convnext num_channels={config.num_channels}: fxjax takes RGB input (3 channels)")
@@ -99,7 +99,7 @@ class DINOv3ConvNext(nnx.Module):
 
 def build(config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> DINOv3ConvNext:
     """The module for a transformers `DINOv3ConvNextConfig`."""
-    return DINOv3ConvNext(spec_from_config(config), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return DINOv3ConvNext(spec(config), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def conversion_rules(config) -> list[Rule]:

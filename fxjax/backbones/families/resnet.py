@@ -2,7 +2,7 @@
 
 Held as embedder (7x7 conv + max pool) → stages (lists of residual layers), so that freezing is counted in
 stages. Convolutions pad `kernel // 2` on every side, as the PyTorch reference does; BatchNorm always uses its
-running statistics. `ResNetSpec` holds the architecture: `spec_from_config` reads a transformers config into
+running statistics. `ResNetSpec` holds the architecture: `spec` reads a transformers config into
 it, timm's builder (`checkpoints.timm_cnn`) fills the options transformers lacks: a deep stem of three 3x3
 convolutions (ResNet-C/D/S/T), an average-pooled projection shortcut (ResNet-D), grouped and widened
 bottlenecks (ResNeXt, Wide ResNet).
@@ -42,7 +42,7 @@ class ResNetSpec:
     width_per_group: int = 64
 
 
-def spec_from_config(config) -> ResNetSpec:
+def spec(config) -> ResNetSpec:
     """The spec of a transformers `ResNetConfig`."""
     return ResNetSpec(
         hidden_sizes=tuple(config.hidden_sizes),
@@ -190,7 +190,7 @@ class ResNet(nnx.Module):
 
 def build(config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> ResNet:
     """The module for a transformers `ResNetConfig`."""
-    return ResNet(spec_from_config(config), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return ResNet(spec(config), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def conversion_rules(config) -> list[Rule]:
