@@ -100,10 +100,6 @@ class PointwiseConv(nnx.Module):
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
-# HF ConvNeXt fixes this eps for every LayerNorm but the final one (config.layer_norm_eps).
-INNER_NORM_EPS = 1e-6
-
-
 def two_pass_layer_norm(features: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # Two-pass variance, as torch computes it: the final norm's eps (1e-12) cannot hide E[x²]-E[x]²'s error.
     return nnx.LayerNorm(
@@ -129,15 +125,19 @@ class GlobalResponseNorm(nnx.Module):
 
 
 class ConvNextBlock(nnx.Module):
-    """Depthwise 7x7 → LayerNorm → Linear 4x → activation → [GRN] → Linear → × layer scale → + input."""
+    """Depthwise 7x7 → LayerNorm → Linear 4x → activation → [GRN] → Linear → × layer scale → + input.
+
+    `layer_scale`: the initial value of the per-channel scale, None for no scale (a value of 0 still holds
+    the parameter: DINOv3 and timm keep it at 0, transformers' ConvNeXt maps `<= 0` to None itself)."""
 
     def __init__(
         self,
         dim: int,
-        config,
         *,
+        act: str,
+        layer_scale: float | None,
+        norm_eps: float,
         grn: bool = False,
-        norm_eps: float = INNER_NORM_EPS,
         dtype,
         param_dtype,
         rngs: nnx.Rngs,
@@ -149,12 +149,8 @@ class ConvNextBlock(nnx.Module):
         self.pwconv1 = nnx.Linear(dim, 4 * dim, dot_general=dot_general, **kw)
         self.grn = GlobalResponseNorm(4 * dim, **kw) if grn else None
         self.pwconv2 = nnx.Linear(4 * dim, dim, dot_general=dot_general, **kw)
-        self.activation = activation(config.hidden_act)
-        self.layer_scale = (
-            nnx.Param(jnp.full((dim,), config.layer_scale_init_value, param_dtype))
-            if config.layer_scale_init_value > 0
-            else None
-        )
+        self.activation = activation(act)
+        self.layer_scale = None if layer_scale is None else nnx.Param(jnp.full((dim,), layer_scale, param_dtype))
         self.dtype = dtype
 
     def __call__(self, x):  # [n, h, w, dim]

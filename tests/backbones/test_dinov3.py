@@ -30,8 +30,13 @@ CASES = {
         T.DINOv3ViTConfig(**VIT, use_gated_mlp=True, hidden_act="silu", key_bias=True, mlp_bias=False)
     ),
     "convnext": lambda: T.DINOv3ConvNextModel(T.DINOv3ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 2])),
+    # layer scale initialised to 0: the reference still holds (and saves) every `gamma`
+    "convnext_ls0": lambda: T.DINOv3ConvNextModel(
+        T.DINOv3ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 2], layer_scale_init_value=0.0)
+    ),
 }
-PREFIX = {"vit": 1 + REGISTERS, "vit_gated": 1, "convnext": 1}  # tokens before the patches in last_hidden_state
+# tokens before the patches in last_hidden_state
+PREFIX = {"vit": 1 + REGISTERS, "vit_gated": 1, "convnext": 1, "convnext_ls0": 1}
 TOL = 1e-4
 
 
@@ -80,7 +85,14 @@ def _channels_last(t):
 
 @pytest.mark.parametrize(
     ("name", "size"),
-    [("vit", (32, 32)), ("vit", (48, 40)), ("vit_gated", (32, 32)), ("convnext", (32, 32)), ("convnext", (64, 48))],
+    [
+        ("vit", (32, 32)),
+        ("vit", (48, 40)),
+        ("vit_gated", (32, 32)),
+        ("convnext", (32, 32)),
+        ("convnext", (64, 48)),
+        ("convnext_ls0", (32, 32)),
+    ],
 )
 def test_outputs_match_reference(saved, name, size):
     """Pooled features, every hidden state (the intermediate layers), the final-normed tokens and the feature
@@ -98,7 +110,7 @@ def test_outputs_match_reference(saved, name, size):
     assert _max_diff(ours["patch_tokens"], patches) <= TOL
     pooled_avgpool = torch.cat([ref.pooler_output, patches.mean(dim=1)], dim=-1)
     assert _max_diff(VARIANTS["pooled_avgpool"](ours), pooled_avgpool) <= TOL
-    if name == "convnext":  # a CNN: no CLS tokens, so no cls_last4 variants
+    if name.startswith("convnext"):  # a CNN: no CLS tokens, so no cls_last4 variants
         return
     assert _max_diff(ours["last_hidden_state"], ref.last_hidden_state) <= TOL
     with torch.no_grad():

@@ -118,6 +118,15 @@ def test_convnext_matches_reference(tmp_path):
     assert backbone.num_stages == 5  # embeddings, three stages, final norm
 
 
+def test_convnext_without_layer_scale_matches_reference(tmp_path):
+    """`layer_scale_init_value=0`: transformers' ConvNeXt builds (and saves) no layer scale; fxjax holds none."""
+    config = transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, layer_scale_init_value=0.0)
+    model = _randomise(transformers.ConvNextModel(config), seed=4)
+    assert not any("layer_scale" in name for name in model.state_dict())
+    backbone, _, _ = _check_pooled(model, _save(model, tmp_path / "convnext"), 32)
+    assert not any("layer_scale" in path_str(p) for p, _ in nnx.to_flat_state(backbone.state))
+
+
 @pytest.mark.parametrize(("size", "pooling"), [(64, "mean"), (53, "max")])
 def test_efficientnet_matches_reference(tmp_path, size, pooling):
     # Four stages at a quarter width: stage 0 maps 8 → 8 channels at stride 1 (transformers adds no skip

@@ -86,6 +86,7 @@ TINY_CONVNEXT = {"depths": (1, 2, 1, 1), "dims": (8, 16, 24, 32)}
         ("convnext_atto", {"head_hidden_size": 12}),  # 1x1-conv MLP; the MLP pre-logits head
         ("convnextv2_tiny", {}),  # GRN, no layer scale
         ("convnextv2_atto", {}),  # GRN on 1x1 convs
+        ("convnext_atto", {"ls_init_value": 0.0}),  # layer scale initialised to 0: timm still holds `gamma`
     ],
 )
 def test_convnext_matches_timm(architecture, extra, tmp_path):

@@ -19,7 +19,6 @@ from collections.abc import Callable, Mapping
 
 import jax.numpy as jnp
 from flax import nnx
-from transformers import ConvNextConfig, ResNetConfig
 
 from fxjax.backbones.convert import Rule
 from fxjax.backbones.families import (
@@ -139,7 +138,6 @@ _IGNORED = frozenset(
     }
 )
 _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
-_LN = {"weight": "scale", "bias": "bias"}
 
 
 class _Args:
@@ -166,9 +164,28 @@ class _Args:
             raise ValueError(f"timm {self.architecture}: model_args {given} not supported by fxjax; remove them")
 
 
-def _shape(cls: type[nnx.Module], config, *, dtype, param_dtype, **kwargs) -> nnx.Module:
-    """`cls(config, **kwargs)` built abstractly (shapes only): the weights come from the checkpoint."""
-    return nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **kwargs))
+def _shape(cls: type[nnx.Module], spec, *, dtype, param_dtype) -> nnx.Module:
+    """`cls(spec)` built abstractly (shapes only): the weights come from the checkpoint."""
+    return nnx.eval_shape(lambda: cls(spec, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+
+
+# timm ConvNeXt's tensor names. `conv_mlp` models hold the MLP as 1x1 convolutions ([out, in, 1, 1]).
+TIMM_CONVNEXT_NAMES = convnext_family.ConvNextNames(
+    stem_conv=r"stem\.0",
+    stem_norm=r"stem\.1",
+    downsample_norm=r"stages\.(\d+)\.downsample\.0",
+    downsample_conv=r"stages\.(\d+)\.downsample\.1",
+    block=r"stages\.(\d+)\.blocks\.(\d+)",
+    dwconv="conv_dw",
+    norm="norm",
+    pwconv1=r"mlp\.fc1",
+    pwconv2=r"mlp\.fc2",
+    layer_scale="gamma",
+    final_norm=r"head\.norm",
+    unused=r"head\.fc\.(weight|bias)",  # the ImageNet classifier
+    grn=r"mlp\.grn",
+    head_fc=r"head\.pre_logits\.fc",
+)
 
 
 def convnext(architecture: str, model_args: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -176,7 +193,7 @@ def convnext(architecture: str, model_args: Mapping, *, dtype=jnp.float32, param
     args = _Args(architecture, CONVNEXT_DEFAULTS[architecture], model_args)
     depths, dims = tuple(args.get("depths")), tuple(args.get("dims"))
     conv_mlp, grn = args.get("conv_mlp", False), args.get("use_grn", False)
-    layer_scale = args.get("ls_init_value", 1e-6)
+    layer_scale = args.get("ls_init_value", 1e-6)  # None: no layer scale; 0 still holds `gamma`, as in timm
     eps = args.get("norm_eps") or 1e-6
     head_hidden = args.get("head_hidden_size") or 0
     for key, default in (
@@ -190,58 +207,20 @@ def convnext(architecture: str, model_args: Mapping, *, dtype=jnp.float32, param
         ("norm_layer", None),
     ):
         args.get(key, default, allowed=(default,))
-    config = ConvNextConfig(
+    spec = convnext_family.ConvNextSpec(
+        hidden_sizes=dims,
+        depths=depths,
         num_channels=args.get("in_chans", 3),
         patch_size=args.get("patch_size", 4),
-        hidden_sizes=list(dims),
-        depths=list(depths),
-        hidden_act="gelu",
-        layer_scale_init_value=layer_scale or 0.0,
-        layer_norm_eps=eps,
+        layer_scale=layer_scale,
+        norm_eps=eps,
+        final_norm_eps=eps,
+        grn=grn,
+        head_hidden=head_hidden,
     )
     args.done()
-    module = _shape(
-        convnext_family.ConvNext,
-        config,
-        grn=grn,
-        norm_eps=eps,
-        head_hidden=head_hidden,
-        dtype=dtype,
-        param_dtype=param_dtype,
-    )
-    return module, convnext_rules(conv_mlp=conv_mlp)
-
-
-def convnext_rules(*, conv_mlp: bool) -> list[Rule]:
-    """timm ConvNeXt names → module paths. `conv_mlp`: the MLP is 1x1 convolutions ([out, in, 1, 1])."""
-    block = r"stages\.(\d+)\.blocks\.(\d+)"
-    ours = r"stages.\1.layers.\2"
-    mlp = "conv1x1_dense" if conv_mlp else "dense"
-    rules = [
-        Rule(r"head\.fc\.(weight|bias)", None),  # the ImageNet classifier, unused
-        Rule(r"stem\.0\.weight", "patch_embeddings.kernel", "conv"),
-        Rule(r"stem\.0\.bias", "patch_embeddings.bias"),
-        Rule(r"stages\.(\d+)\.downsample\.1\.weight", r"stages.\1.downsample.kernel", "conv"),
-        Rule(r"stages\.(\d+)\.downsample\.1\.bias", r"stages.\1.downsample.bias"),
-        Rule(rf"{block}\.conv_dw\.weight", rf"{ours}.dwconv.kernel", "conv"),
-        Rule(rf"{block}\.conv_dw\.bias", rf"{ours}.dwconv.bias"),
-        Rule(rf"{block}\.mlp\.fc1\.weight", rf"{ours}.pwconv1.kernel", mlp),
-        Rule(rf"{block}\.mlp\.fc1\.bias", rf"{ours}.pwconv1.bias"),
-        Rule(rf"{block}\.mlp\.fc2\.weight", rf"{ours}.pwconv2.kernel", mlp),
-        Rule(rf"{block}\.mlp\.fc2\.bias", rf"{ours}.pwconv2.bias"),
-        Rule(rf"{block}\.gamma", rf"{ours}.layer_scale"),
-        Rule(r"head\.pre_logits\.fc\.weight", "head_fc.kernel", "dense"),
-        Rule(r"head\.pre_logits\.fc\.bias", "head_fc.bias"),
-    ]
-    for theirs, target in (
-        (r"stem\.1", "embeddings_norm"),
-        (r"stages\.(\d+)\.downsample\.0", r"stages.\1.downsample_norm"),
-        (rf"{block}\.norm", rf"{ours}.layernorm"),
-        (rf"{block}\.mlp\.grn", rf"{ours}.grn"),
-        (r"head\.norm", "layernorm"),
-    ):
-        rules += [Rule(rf"{theirs}\.{k}", f"{target}.{v}") for k, v in _LN.items()]
-    return rules
+    module = _shape(convnext_family.ConvNext, spec, dtype=dtype, param_dtype=param_dtype)
+    return module, convnext_family.naming_rules(TIMM_CONVNEXT_NAMES, mlp="conv1x1_dense" if conv_mlp else "dense")
 
 
 def resnet(architecture: str, model_args: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -275,27 +254,19 @@ def resnet(architecture: str, model_args: Mapping, *, dtype=jnp.float32, param_d
     if deep:
         stem_widths = (3 * (stem_width // 4), stem_width) if stem_type == "deep_tiered" else (stem_width, stem_width)
     expansion = 4 if block == "bottleneck" else 1
-    config = ResNetConfig(
+    spec = resnet_family.ResNetSpec(
+        hidden_sizes=tuple(c * expansion for c in channels),
+        depths=layers,
+        bottleneck=block == "bottleneck",
         num_channels=args.get("in_chans", 3),
         embedding_size=2 * stem_width if deep else 64,
-        hidden_sizes=[c * expansion for c in channels],
-        depths=list(layers),
-        layer_type=block,
-        hidden_act="relu",
-        downsample_in_first_stage=False,
-        downsample_in_bottleneck=False,
-    )
-    args.done()
-    module = _shape(
-        resnet_family.ResNet,
-        config,
         stem_widths=stem_widths,
         avg_down=avg_down,
         groups=cardinality,
         width_per_group=base_width,
-        dtype=dtype,
-        param_dtype=param_dtype,
     )
+    args.done()
+    module = _shape(resnet_family.ResNet, spec, dtype=dtype, param_dtype=param_dtype)
     return module, resnet_rules(deep_stem=deep, avg_down=avg_down)
 
 

@@ -1,7 +1,8 @@
 """Model families: each module holds an NNX backbone and the table that maps its checkpoint names onto it.
 
 A family module exposes `build(config, *, dtype, param_dtype, rngs) -> nnx.Module` and
-`conversion_rules(config) -> list[Rule]`, where `config` is the checkpoint's transformers config. Its module's
+`conversion_rules(config) -> list[Rule]`, where `config` is the checkpoint's transformers config, read only by
+the family's `spec(config)` into its frozen spec dataclass (what the module's constructor takes). Its module's
 `__call__(x)` returns a dict with at least `pooled` [n, d] and `hidden_states`, and `stage_paths()` lists each
 stage's module-path prefixes, input to output (what `config.freeze = "K"` counts; freezing itself is decided by
 the training step, never by the module).

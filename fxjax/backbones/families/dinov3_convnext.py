@@ -1,6 +1,8 @@
 """DINOv3 ConvNeXt (`dinov3_convnext`, transformers' `DINOv3ConvNextModel`): ConvNeXt distilled from the DINOv3
-ViT-7B. The blocks are HF ConvNeXt's (`layers.ConvNextBlock`), with `config.layer_norm_eps` in every LayerNorm;
-stage 0 starts with the 4x4 patchify conv + LayerNorm, each later stage with LayerNorm + 2x2 conv.
+ViT-7B. The blocks are HF ConvNeXt's (`layers.ConvNextBlock`), with `config.layer_norm_eps` in every LayerNorm
+and a layer scale always held (`gamma`, saved even when initialised to 0); stage 0 starts with the 4x4 patchify
+conv + LayerNorm, each later stage with LayerNorm + 2x2 conv. `DINOv3ConvNextSpec` holds the architecture,
+`spec` reads the transformers config into it.
 
 Outputs: `pooled` [n, c] is HF's `pooler_output`: the last stage's spatial mean through the final LayerNorm;
 `patch_tokens` [n, h*w, c] the last stage's positions through that LayerNorm (HF's `last_hidden_state` is
@@ -11,6 +13,8 @@ Outputs: `pooled` [n, c] is HF's `pooler_output`: the last stage's spatial mean 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,18 +23,43 @@ from fxjax.backbones.convert import Rule
 from fxjax.backbones.layers import ConvNextBlock, two_pass_layer_norm
 
 
+@dataclass(frozen=True)
+class DINOv3ConvNextSpec:
+    """The architecture; `layer_scale` is each block's initial scale, `eps` that of every LayerNorm."""
+
+    hidden_sizes: tuple[int, ...]
+    depths: tuple[int, ...]
+    act: str = "gelu"
+    layer_scale: float = 1e-6
+    eps: float = 1e-6
+
+
+def spec(config) -> DINOv3ConvNextSpec:
+    """The spec of a transformers `DINOv3ConvNextConfig`; fxjax feeds RGB images, so 3 input channels only."""
+    if config.num_channels != 3:
+        raise ValueError(f"dinov3_convnext num_channels={config.num_channels}: fxjax takes RGB input (3 channels)")
+    return DINOv3ConvNextSpec(
+        hidden_sizes=tuple(config.hidden_sizes),
+        depths=tuple(config.depths),
+        act=config.hidden_act,
+        layer_scale=config.layer_scale_init_value,
+        eps=config.layer_norm_eps,
+    )
+
+
 class Stage(nnx.Module):
     """Stage 0: patchify conv → LayerNorm → blocks; later stages: LayerNorm → 2x2 stride-2 conv → blocks."""
 
-    def __init__(self, config, index: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, spec: DINOv3ConvNextSpec, index: int, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        eps, cout = config.layer_norm_eps, config.hidden_sizes[index]
-        cin = config.hidden_sizes[index - 1] if index else config.num_channels
+        eps, cout = spec.eps, spec.hidden_sizes[index]
+        cin = spec.hidden_sizes[index - 1] if index else 3
         k = 2 if index else 4
         self.norm_first = index > 0
         self.downsample_norm = two_pass_layer_norm(cin if index else cout, eps, **kw)
         self.downsample = nnx.Conv(cin, cout, (k, k), strides=k, padding="VALID", **kw)
-        self.layers = nnx.List([ConvNextBlock(cout, config, norm_eps=eps, **kw) for _ in range(config.depths[index])])
+        block = {"act": spec.act, "layer_scale": spec.layer_scale, "norm_eps": eps}
+        self.layers = nnx.List([ConvNextBlock(cout, **block, **kw) for _ in range(spec.depths[index])])
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [n, h, w, cin] → [n, h / k, w / k, cout]
         if self.norm_first:
@@ -43,12 +72,10 @@ class Stage(nnx.Module):
 
 
 class DINOv3ConvNext(nnx.Module):
-    def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if config.num_channels != 3:
-            raise ValueError(f"dinov3_convnext num_channels={config.num_channels}: fxjax takes RGB input (3 channels)")
+    def __init__(self, spec: DINOv3ConvNextSpec, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        self.stages = nnx.List([Stage(config, i, **kw) for i in range(len(config.hidden_sizes))])
-        self.layer_norm = two_pass_layer_norm(config.hidden_sizes[-1], config.layer_norm_eps, **kw)
+        self.stages = nnx.List([Stage(spec, i, **kw) for i in range(len(spec.hidden_sizes))])
+        self.layer_norm = two_pass_layer_norm(spec.hidden_sizes[-1], spec.eps, **kw)
 
     def stage_paths(self) -> list[tuple[str, ...]]:
         """Module-path prefixes of each stage, input to output: each stage, then the final LayerNorm."""
@@ -71,7 +98,8 @@ class DINOv3ConvNext(nnx.Module):
 
 
 def build(config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> DINOv3ConvNext:
-    return DINOv3ConvNext(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    """The module for a transformers `DINOv3ConvNextConfig`."""
+    return DINOv3ConvNext(spec(config), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def conversion_rules(config) -> list[Rule]:

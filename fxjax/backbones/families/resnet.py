@@ -2,12 +2,15 @@
 
 Held as embedder (7x7 conv + max pool) → stages (lists of residual layers), so that freezing is counted in
 stages. Convolutions pad `kernel // 2` on every side, as the PyTorch reference does; BatchNorm always uses its
-running statistics. Options beyond the transformers config, for timm's variants: a deep stem of three 3x3
+running statistics. `ResNetSpec` holds the architecture: `spec` reads a transformers config into
+it, timm's builder (`checkpoints.timm_cnn`) fills the options transformers lacks: a deep stem of three 3x3
 convolutions (ResNet-C/D/S/T), an average-pooled projection shortcut (ResNet-D), grouped and widened
 bottlenecks (ResNeXt, Wide ResNet).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +20,40 @@ from fxjax.backbones.activations import activation
 from fxjax.backbones.convert import Rule
 
 BATCH_NORM_EPS = 1e-5  # torch.nn.BatchNorm2d's default; the HF config has no field for it
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    """The architecture. `bottleneck`: 1x1-3x3-1x1 layers (else basic 3x3-3x3); `downsample_in_bottleneck`: the
+    stride sits on the first 1x1, not the 3x3; `stem_widths` (two widths): the deep stem; `avg_down`, `groups`,
+    `width_per_group`: see `ResidualLayer`. The defaults are transformers' ResNet."""
+
+    hidden_sizes: tuple[int, ...]
+    depths: tuple[int, ...]
+    bottleneck: bool = True
+    num_channels: int = 3
+    embedding_size: int = 64
+    act: str = "relu"
+    downsample_in_first_stage: bool = False
+    downsample_in_bottleneck: bool = False
+    stem_widths: tuple[int, ...] = ()
+    avg_down: bool = False
+    groups: int = 1
+    width_per_group: int = 64
+
+
+def spec(config) -> ResNetSpec:
+    """The spec of a transformers `ResNetConfig`."""
+    return ResNetSpec(
+        hidden_sizes=tuple(config.hidden_sizes),
+        depths=tuple(config.depths),
+        bottleneck=config.layer_type == "bottleneck",
+        num_channels=config.num_channels,
+        embedding_size=config.embedding_size,
+        act=config.hidden_act,
+        downsample_in_first_stage=config.downsample_in_first_stage,
+        downsample_in_bottleneck=config.downsample_in_bottleneck,
+    )
 
 
 class ConvBN(nnx.Module):
@@ -64,39 +101,27 @@ def avg_pool_ceil(x, stride: int):
 
 class ResidualLayer(nnx.Module):
     """Basic (3x3, 3x3) or bottleneck (1x1 reduce by 4, 3x3, 1x1) residual layer with a projection shortcut
-    where the shape changes. Inner activations are ReLU whatever `hidden_act` says, as in the reference.
+    where the shape changes. Inner activations are ReLU whatever `spec.act` says, as in the reference.
 
     `avg_down`: the shortcut average-pools by the stride, then projects with a stride-1 1x1 conv (ResNet-D).
     `groups` / `width_per_group`: the bottleneck's 3x3 is grouped, its width `cout / 4 · width_per_group / 64 ·
     groups` (ResNeXt, Wide ResNet; the defaults give `cout / 4`)."""
 
-    def __init__(
-        self,
-        cin: int,
-        cout: int,
-        stride: int,
-        config,
-        *,
-        avg_down: bool = False,
-        groups: int = 1,
-        width_per_group: int = 64,
-        dtype,
-        param_dtype,
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, cin: int, cout: int, stride: int, spec: ResNetSpec, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        if config.layer_type == "bottleneck":
-            mid = cout // 4 * width_per_group // 64 * groups
-            first, second = (stride, 1) if config.downsample_in_bottleneck else (1, stride)
+        groups = spec.groups
+        if spec.bottleneck:
+            mid = cout // 4 * spec.width_per_group // 64 * groups
+            first, second = (stride, 1) if spec.downsample_in_bottleneck else (1, stride)
             specs = [(cin, mid, 1, first, 1), (mid, mid, 3, second, groups), (mid, cout, 1, 1, 1)]
         else:
             specs = [(cin, cout, 3, stride, 1), (cout, cout, 3, 1, 1)]
         self.layer = nnx.List([ConvBN(i, o, k, stride=s, groups=g, **kw) for i, o, k, s, g in specs])
         projects = cin != cout or stride != 1
-        self.shortcut_pool = stride if avg_down else 1
-        shortcut_stride = 1 if avg_down else stride
+        self.shortcut_pool = stride if spec.avg_down else 1
+        shortcut_stride = 1 if spec.avg_down else stride
         self.shortcut = ConvBN(cin, cout, 1, stride=shortcut_stride, **kw) if projects else None
-        self.activation = activation(config.hidden_act)
+        self.activation = activation(spec.act)
 
     def __call__(self, x):  # [n, h, w, cin]
         y = x
@@ -129,35 +154,20 @@ class DeepStem(nnx.Module):
 
 class ResNet(nnx.Module):
     """Outputs `pooled` [n, hidden_sizes[-1]] (HF `pooler_output`: global average of the last stage,
-    flattened), `feature_map` (last stage) and `hidden_states` (embedder output, then each stage: as HF).
+    flattened), `feature_map` (last stage) and `hidden_states` (embedder output, then each stage: as HF)."""
 
-    `stem_widths` (two widths) selects the deep stem; `avg_down`, `groups` and `width_per_group` go to every
-    residual layer (see `ResidualLayer`). The defaults are transformers' ResNet."""
-
-    def __init__(
-        self,
-        config,
-        *,
-        stem_widths: tuple[int, ...] = (),
-        avg_down: bool = False,
-        groups: int = 1,
-        width_per_group: int = 64,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
+    def __init__(self, spec: ResNetSpec, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        self.activation = activation(config.hidden_act)
-        if stem_widths:
-            self.embedder = DeepStem(config.num_channels, tuple(stem_widths), config.embedding_size, **kw)
+        self.activation = activation(spec.act)
+        if spec.stem_widths:
+            self.embedder = DeepStem(spec.num_channels, spec.stem_widths, spec.embedding_size, **kw)
         else:
-            self.embedder = ConvBN(config.num_channels, config.embedding_size, 7, stride=2, **kw)
-        layer_kw = {"avg_down": avg_down, "groups": groups, "width_per_group": width_per_group, **kw}
-        stages, cin = [], config.embedding_size
-        for i, (cout, depth) in enumerate(zip(config.hidden_sizes, config.depths)):
-            stride = 2 if i > 0 or config.downsample_in_first_stage else 1
-            layers = [ResidualLayer(cin, cout, stride, config, **layer_kw)]
-            layers += [ResidualLayer(cout, cout, 1, config, **layer_kw) for _ in range(depth - 1)]
+            self.embedder = ConvBN(spec.num_channels, spec.embedding_size, 7, stride=2, **kw)
+        stages, cin = [], spec.embedding_size
+        for i, (cout, depth) in enumerate(zip(spec.hidden_sizes, spec.depths)):
+            stride = 2 if i > 0 or spec.downsample_in_first_stage else 1
+            layers = [ResidualLayer(cin, cout, stride, spec, **kw)]
+            layers += [ResidualLayer(cout, cout, 1, spec, **kw) for _ in range(depth - 1)]
             stages.append(nnx.List(layers))
             cin = cout
         self.stages = nnx.List(stages)
@@ -180,7 +190,7 @@ class ResNet(nnx.Module):
 
 def build(config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> ResNet:
     """The module for a transformers `ResNetConfig`."""
-    return ResNet(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return ResNet(spec(config), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 def conversion_rules(config) -> list[Rule]:
