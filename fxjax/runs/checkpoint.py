@@ -97,6 +97,12 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.close()
 
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def abstract(tree, shardings):
     """Shape/dtype/sharding stand-ins for a restore target."""

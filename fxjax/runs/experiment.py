@@ -7,6 +7,7 @@ A rerun on the same workdir resumes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -77,39 +78,50 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
 
 
 def _run(setup: Setup, run: RunDir) -> dict:
-    config, data = setup.config, setup.data
+    config = setup.config
     setup.record(run)
-    steps_per_epoch = len(data.splits["train"]) // config.batch_size
+    steps_per_epoch = len(setup.data.splits["train"]) // config.batch_size
     total_steps = steps_per_epoch * config.num_epochs
     inputs = _cached_inputs(setup, run) if config_lib.uses_cached_features(config) else _online_inputs(setup)
-    engine = Engine(
-        inputs.models,
-        inputs.trainable,
-        num_classes=data.num_classes,
-        opt_config=config.optimizer,
-        total_steps=total_steps,
-        mesh=setup.mesh,
-        seed=config.seed,
-        hyper=inputs.hyper,
-        frozen_sharding=inputs.frozen_sharding,
-        compiler_options=inputs.options,
-    )
-    checkpoints = Checkpoints(run.checkpoints, keep=config.checkpoint.keep)
-    writer = None
-    try:
+    engine = _engine(setup, inputs, total_steps)
+    with Checkpoints(run.checkpoints, keep=config.checkpoint.keep) as checkpoints, _explained(run, checkpoints):
         state, targets = _restore(engine, checkpoints, inputs.train)
         if state.step >= total_steps and run.has(RunDir.SUMMARY):
             log.info("the run in %s is finished; its record is left as it is", run.path)
             return run.read(RunDir.SUMMARY)
-        writer = MetricsWriter(run, resume_step=state.step)
-        seconds, examples = _fit(config, engine, state, inputs, checkpoints, writer, steps_per_epoch, total_steps, run)
-        checkpoints.wait()
-        best_step, (params, _, _) = checkpoints.restore_newest_good(*targets, steps=_best_first(checkpoints))
-        rows = head_rows(engine, inputs.hyper)
-        val, test = engine.evaluate(params, inputs.eval("val")), engine.evaluate(params, inputs.eval("test"))
-        rows = score(score(rows, "val", val), "test", test)
-        winner = select(rows)
-        writer.write(best_step, "test", {"accuracy": winner["test_accuracy"], "loss": winner["test_loss"]})
+        with MetricsWriter(run, resume_step=state.step) as writer:
+            seconds, examples = _fit(config, engine, state, inputs, checkpoints, writer, steps_per_epoch, run)
+            best_step, rows, test = _final_evaluation(engine, checkpoints, targets, inputs)
+            winner = select(rows)
+            writer.write(best_step, "test", {"accuracy": winner["test_accuracy"], "loss": winner["test_loss"]})
+    summary = _summary(setup, rows, winner, best_step, total_steps, seconds, examples, test["count"], inputs.extras)
+    if jax.process_index() == 0:
+        _finish(setup, run, rows, winner, summary, test[winner["variant"]]["predictions"][:, winner["index"]])
+    return summary
+
+
+def _engine(setup: Setup, inputs: Inputs, total_steps: int) -> Engine:
+    config = setup.config
+    return Engine(
+        inputs.models, inputs.trainable, num_classes=setup.data.num_classes, opt_config=config.optimizer,
+        total_steps=total_steps, mesh=setup.mesh, seed=config.seed, hyper=inputs.hyper,
+        frozen_sharding=inputs.frozen_sharding, compiler_options=inputs.options,
+    )  # fmt: skip
+
+
+def _final_evaluation(engine: Engine, checkpoints: Checkpoints, targets, inputs: Inputs) -> tuple[int, list, dict]:
+    """The best checkpoint's heads scored on val and test: → (its step, one row per head, the test outputs)."""
+    checkpoints.wait()
+    best_step, (params, _, _) = checkpoints.restore_newest_good(*targets, steps=_best_first(checkpoints))
+    val, test = engine.evaluate(params, inputs.eval("val")), engine.evaluate(params, inputs.eval("test"))
+    return best_step, score(score(head_rows(engine, inputs.hyper), "val", val), "test", test), test
+
+
+@contextlib.contextmanager
+def _explained(run: RunDir, checkpoints: Checkpoints) -> Iterator[None]:
+    """Divergence and a full disk end as one message that says what was saved and how to resume."""
+    try:
+        yield
     except NonFiniteLossError as err:
         checkpoints.wait()
         good = checkpoints.latest_step()
@@ -119,21 +131,13 @@ def _run(setup: Setup, run: RunDir) -> dict:
             "learning rate or check the data, then rerun the same command to resume"
         ) from None
     except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise OSError(
-                errno.ENOSPC,
-                f"disk full while writing in {run.path} ({err}); free space, then rerun the "
-                f"same command to resume from step {checkpoints.latest_step()}",
-            ) from None
-        raise
-    finally:
-        if writer is not None:
-            writer.close()
-        checkpoints.close()
-    summary = _summary(setup, rows, winner, best_step, total_steps, seconds, examples, test["count"], inputs.extras)
-    if jax.process_index() == 0:
-        _finish(setup, run, rows, winner, summary, test[winner["variant"]]["predictions"][:, winner["index"]])
-    return summary
+        if err.errno != errno.ENOSPC:
+            raise
+        raise OSError(
+            errno.ENOSPC,
+            f"disk full while writing in {run.path} ({err}); free space, then rerun the "
+            f"same command to resume from step {checkpoints.latest_step()}",
+        ) from None
 
 
 def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
@@ -360,8 +364,9 @@ def _best_val(val: dict, groups) -> dict:
 
 
 def _fit(config, engine: Engine, state: TrainState, inputs: Inputs, checkpoints: Checkpoints,
-         writer: MetricsWriter, steps_per_epoch: int, total_steps: int, run: RunDir) -> tuple[float, int]:  # fmt: skip
-    """Trains from `state.step` to `total_steps`; evaluates on val and checkpoints every few epochs."""
+         writer: MetricsWriter, steps_per_epoch: int, run: RunDir) -> tuple[float, int]:  # fmt: skip
+    """Trains from `state.step` to the last step; evaluates on val and checkpoints every few epochs."""
+    total_steps = steps_per_epoch * config.num_epochs
     eval_every = steps_per_epoch * config.eval_every_epochs
     save_every = steps_per_epoch * config.checkpoint.every_epochs
     seconds, examples = 0.0, 0

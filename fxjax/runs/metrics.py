@@ -47,6 +47,12 @@ class MetricsWriter:
             self._file.close()
             self._tb.close()
 
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def read_metrics(workdir: str | Path) -> list[dict]:
     return RunDir(workdir).read(RunDir.METRICS, default=[])
