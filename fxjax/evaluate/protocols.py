@@ -10,14 +10,15 @@ from fxjax.evaluate import probes
 SPLITS = ("train", "val", "test")
 
 
-def on_features(config, variants: dict, labels: dict, num_classes: int) -> tuple[dict, dict]:
+def on_features(config, variants: dict, labels: dict, num_classes: int, *, mesh=None) -> tuple[dict, dict]:
     """Runs the probes and the few-shot protocol the config asks for on the pooled features of
     {split: {variant: features}}. → (summary entries, {file name: JSON object or markdown text}); the caller
-    (who owns the run directory) writes the files."""
+    (who owns the run directory) writes the files. With `mesh` the features may be lazy (a cache entry's
+    chunked arrays): the probes read them chunk by chunk onto the mesh, few-shot only its drawn rows."""
     out, files = {}, {}
     feats = {split: v["pooled"] for split, v in variants.items()}
     if config.probes:
-        results = [_probe(name, feats, labels, num_classes) for name in config.probes]
+        results = [_probe(name, feats, labels, num_classes, mesh) for name in config.probes]
         files["probes.json"] = {"probes": [r.to_dict() for r in results]}
         files["probes.md"] = _probes_markdown(results)
         out["probes"] = {
@@ -41,13 +42,14 @@ def on_features(config, variants: dict, labels: dict, num_classes: int) -> tuple
     return out, files
 
 
-def _probe(name: str, feats: dict, labels: dict, num_classes: int) -> probes.ProbeResult:
-    args = [a for s in SPLITS for a in (np.asarray(feats[s]), labels[s])]
+def _probe(name: str, feats: dict, labels: dict, num_classes: int, mesh=None) -> probes.ProbeResult:
+    """One probe; with `mesh`, sharded over it with the rows read chunk by chunk (never a whole split)."""
+    args = [a for s in SPLITS for a in (feats[s] if mesh is not None else np.asarray(feats[s]), labels[s])]
     if name == "ridge":
-        return probes.ridge_probe(*args, num_classes)
+        return probes.ridge_probe(*args, num_classes, mesh=mesh)
     if name == "logistic":
-        return probes.logistic_probe(*args, num_classes, standardize=True)
-    return probes.knn_probe(*args, num_classes)
+        return probes.logistic_probe(*args, num_classes, standardize=True, mesh=mesh)
+    return probes.knn_probe(*args, num_classes, mesh=mesh)
 
 
 def _probes_markdown(results) -> str:

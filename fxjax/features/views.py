@@ -146,26 +146,3 @@ def cached_views(
         rows=rows,
     )
     return {name: arrays[name] for name in variants}, np.asarray(arrays["labels"]), hit
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a well-spread uint64 hash of each element."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def epoch_views(epoch: int, examples, views: int, seed: int) -> np.ndarray:
-    """The cached view each example trains on in `epoch` (int64, shaped like `examples`): a seeded per-example
-    offset plus the epoch, so every image cycles through all its views once per `views` epochs, out of step
-    with the others."""
-    examples = np.asarray(examples, np.uint64)
-    with np.errstate(over="ignore"):
-        offset = _mix(examples + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)) % np.uint64(views)
-    return ((offset.astype(np.int64) + epoch) % views).astype(np.int64)
-
-
-def view_for(epoch: int, example: int, views: int, seed: int) -> int:
-    """`epoch_views` for one example."""
-    return int(epoch_views(epoch, [example], views, seed)[0])

@@ -149,9 +149,10 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
     config, data = setup.config, setup.data
     variants = setup.variants
     start = time.perf_counter()
-    feats, labels, hits = setup.cached_features()
+    feats, labels, hits = setup.cached_features(rows="host")  # heads train and evaluate on the host's rows
     extras = {"feature_cache_hits": hits, "extract_seconds": time.perf_counter() - start}
-    entries, files = protocols.on_features(config, feats, labels, data.num_classes)
+    probed = setup.cached_features()[:2] if config.probes or config.fewshot.ks else (feats, labels)  # lazy, all
+    entries, files = protocols.on_features(config, *probed, data.num_classes, mesh=setup.mesh)
     if jax.process_index() == 0:
         for name, content in files.items():
             run.write(name, content)
@@ -166,16 +167,16 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
         v: Classifier(None, make_head(config.head, feats["train"][v].shape[1], data.num_classes, config.seed), v)
         for v in variants
     }
-    shard, eval_batch = setup.shard, config.eval_batch_size
+    shard, eval_batch, total = setup.shard, config.eval_batch_size, {s: len(data.splits[s]) for s in data.splits}
     train = FeatureBatches(
         {v: feats["train"][v] for v in variants}, labels["train"], batch_size=config.batch_size, seed=config.seed,
-        **shard,
+        total=total["train"], **shard,
     )  # fmt: skip
     return Inputs(
         models,
         {v: hyper for v in variants},
         train,
-        lambda split: feature_eval_batches(feats[split], labels[split], eval_batch, **shard),
+        lambda split: feature_eval_batches(feats[split], labels[split], eval_batch, total=total[split], **shard),
         freeze.trainable(()),  # a head alone: all of it trains; XLA's default options suit its skinny matmuls
         extras=extras,
     )

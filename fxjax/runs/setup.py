@@ -78,9 +78,10 @@ class Setup:
         """The feature variants a run's heads train on: pooled, plus the sweep's others."""
         return ("pooled", *(v for v in self.config.sweep.feature_variants if v != "pooled"))
 
-    def cached_features(self):
+    def cached_features(self, rows: str = "all"):
         """Every split's features from the cache, extracted into it first where missing: → (features {split:
-        {variant: [n, d]}}, labels {split: [n]}, hits {split: bool})."""
+        {variant: [n, d]}}, labels {split: [n]}, hits {split: bool}), lazily. rows="host": this host's
+        contiguous rows only (`shard_bounds`: what head training and evaluation read)."""
         from fxjax.features import extract
 
         c = self.config
@@ -95,6 +96,7 @@ class Setup:
             worker_count=c.data.worker_count,
             param_sharding=self.param_sharding,
             variants=self.variants,
+            rows=rows,
         )
 
     def record(self, run: RunDir) -> None:

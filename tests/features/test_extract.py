@@ -145,8 +145,9 @@ def test_views_equal_the_online_augmentation_and_epochs_cycle_through_them(tmp_p
     import grain
 
     from fxjax import parallel
+    from fxjax.data.features import epoch_views, view_for
     from fxjax.data.images import _Augment
-    from fxjax.features.views import cached_views, epoch_views, view_for
+    from fxjax.features.views import cached_views
 
     data, backbone, views, seed = _tiny_data(13), _pixels(), 3, 5
     kw = dict(mesh=parallel.make_mesh(), batch_size=8, cache_dir=str(tmp_path), dtype="float32", param_dtype="float32")
