@@ -351,22 +351,28 @@ class _SolverInputs(NamedTuple):
     replicate: NamedSharding | None  # where parameters and solver state live on a mesh
 
 
+def _column_stats(x: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and std in the features' dtype: numpy's on an in-memory array, two float64 passes of
+    chunks on a lazy one (equal up to rounding)."""
+    if type(x) is np.ndarray:
+        return x.mean(0), x.std(0)
+    mean = sum(rows.sum(0, dtype=np.float64) for rows in _chunks(x)) / len(x)
+    std = np.sqrt(sum(((rows - mean) ** 2).sum(0) for rows in _chunks(x)) / len(x))
+    return mean.astype(x.dtype), std.astype(x.dtype)
+
+
 def _solver_inputs(
     x: Any, y: np.ndarray, num_classes: int, standardize: bool, mesh: Mesh | None = None
 ) -> _SolverInputs:
     """float32 device features (standardised with train stats if asked), one-hot targets, and the stats; on
     a mesh `x` may be lazy, read chunk by chunk."""
     mean, std = np.zeros(x.shape[1]), np.ones(x.shape[1])
+    if standardize:
+        mean, std = _column_stats(x)
+        std = np.where(std > 0, std, 1.0)
     if mesh is None:
-        if standardize:
-            mean, std = x.mean(0), x.std(0)
-            std = np.where(std > 0, std, 1.0)
         xs = jnp.asarray((x - mean) / std, jnp.float32)  # [n, d]
         return _SolverInputs(xs, jax.nn.one_hot(y, num_classes, dtype=xs.dtype), None, mean, std, None)
-    if standardize:  # two passes over the (lazy) rows in float64
-        mean = sum(rows.sum(0, dtype=np.float64) for rows in _chunks(x)) / len(x)
-        std = np.sqrt(sum(((rows - mean) ** 2).sum(0) for rows in _chunks(x)) / len(x))
-        std = np.where(std > 0, std, 1.0)
     xs = _shard_rows(x, mesh, lambda rows: ((rows - mean) / std).astype(np.float32))
     onehot = _shard_rows(y, mesh, lambda labels: np.eye(num_classes, dtype=np.float32)[labels])
     weight = _shard_rows(y, mesh, lambda labels: np.ones(len(labels), np.float32))

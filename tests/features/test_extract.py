@@ -189,6 +189,23 @@ def test_cached_features_on_a_gs_store_round_trip(gcs, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing went to the local disk
 
 
+def test_extract_command_prints_the_gs_entry_uri(gcs, capsys):
+    from etils import epath
+
+    from fxjax.cli import extract as extract_cli
+
+    argv = ["--config", "configs/quickstart.py", "--config.image_size=32", f"--config.cache_dir={gcs}"]
+    argv += ["--config.data.few_shot_k=4", "--config.data.val_fraction=0.05", "--config.data.test_fraction=0.05"]
+    assert extract_cli.main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("train:", "val:", "test:"))]
+    assert len(lines) == 3, lines
+    for line in lines:
+        uri = line.rsplit(" ", 1)[1]
+        assert uri.startswith(f"{gcs}/") and len(uri) == len(gcs) + 65, line  # the root, then a sha256 key
+        assert (epath.Path(uri) / "manifest.json").exists(), uri  # the entry the line names is there
+    assert lines[0].startswith("train: pooled 40 x ")  # 4 per class over 10 classes; every row counted
+
+
 def test_progress_without_a_terminal_prints_one_line_every_interval(capsys):
     from fxjax.progress import Progress
 
