@@ -168,9 +168,12 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
         for v in variants
     }
     shard, eval_batch, total = setup.shard, config.eval_batch_size, {s: len(data.splits[s]) for s in data.splits}
+    train_feats, train_labels = {v: feats["train"][v] for v in variants}, labels["train"]
+    if config.data.views:  # K cached augmented views per image; each epoch draws one
+        train_feats, train_labels = setup.cached_views()
     train = FeatureBatches(
-        {v: feats["train"][v] for v in variants}, labels["train"], batch_size=config.batch_size, seed=config.seed,
-        total=total["train"], **shard,
+        train_feats, train_labels, batch_size=config.batch_size, seed=config.seed, total=total["train"],
+        views=config.data.views, **shard,
     )  # fmt: skip
     return Inputs(
         models,

@@ -99,6 +99,29 @@ class Setup:
             rows=rows,
         )
 
+    def cached_views(self, rows: str = "host"):
+        """config.data.views augmented views of every training image from the cache, extracted into it first
+        where missing: → ({variant: [n, views, d]}, labels [n]), lazily; this host's rows by default."""
+        from fxjax.features import views
+
+        c = self.config
+        feats, labels, _ = views.cached_views(
+            self.backbone,
+            self.data,
+            views=c.data.views,
+            seed=c.seed,
+            mesh=self.mesh,
+            batch_size=c.eval_batch_size,
+            cache_dir=c.cache_dir,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            worker_count=c.data.worker_count,
+            param_sharding=self.param_sharding,
+            variants=self.variants,
+            rows=rows,
+        )
+        return feats, labels
+
     def record(self, run: RunDir) -> None:
         """Checks that `run` may be (re)started with this setup, then writes config.json and environment.json
         (a finished run's record is never rewritten)."""

@@ -72,7 +72,7 @@ def reference(tmp_path_factory) -> dict:
     _ok(_run([root / "cache"], root / "out", devices=4))
     result = _read(root / "out" / "0")
     assert result["train"].shape == (203, 32) and result["hits"] == {"train": False, "test": False}
-    return result
+    return {**result, "dir": root / "out" / "0"}
 
 
 @pytest.mark.parametrize("layout", ["shared", "per_host"])
@@ -88,6 +88,14 @@ def test_two_processes_equal_one(tmp_path, reference, layout):
         halves.append(got["train-host"])
     np.testing.assert_array_equal(np.concatenate(halves), _read(tmp_path / "out" / "0")["train"])  # own shard
     assert len(halves[0]) == 101
+    # head training: each host reads only rows of its own shard, and the global batches equal 1 process's
+    local = [np.load(tmp_path / "out" / str(i) / "train-batch-local-rows.npy") for i in range(2)]
+    assert all(((rows >= 0) & (rows < len(half))).all() for rows, half in zip(local, halves, strict=True))
+    rows = [rows + np.load(tmp_path / "out" / str(i) / "train-host-start.npy") for i, rows in enumerate(local)]
+    reference_rows = np.load(reference["dir"] / "train-batch-local-rows.npy")  # one host: local rows are global
+    np.testing.assert_array_equal(np.concatenate(rows, axis=1), reference_rows)
+    batch_x = np.concatenate([np.load(tmp_path / "out" / str(i) / "train-batch-x.npy") for i in range(2)], axis=1)
+    np.testing.assert_allclose(batch_x, np.load(reference["dir"] / "train-batch-x.npy"), rtol=1e-5, atol=1e-6)
     if layout == "per_host":  # each local disk holds its host's shard only, and a rerun on it hits
         assert [p.name for p in next((tmp_path / "cache1").iterdir()).iterdir() if p.is_dir()] == ["1of2"]
         _ok(_run(caches, tmp_path / "again"))
