@@ -17,7 +17,7 @@ import numpy as np
 
 from fxjax import parallel
 from fxjax.backbones.backbone import Backbone
-from fxjax.data.images import PaddedShard, shard_bounds
+from fxjax.data.images import PaddedShard, read_options, shard_bounds
 from fxjax.data.preprocess import PreprocessSpec, augment_image
 from fxjax.data.sources import Source
 from fxjax.features import extract as extraction, store as cache
@@ -69,6 +69,7 @@ def view_batches(
         sampler=grain.samplers.SequentialSampler(len(rows), grain.sharding.NoSharding()),
         operations=[grain.transforms.Batch(per_host, drop_remainder=False)],
         worker_count=worker_count,
+        read_options=read_options(per_host),
         shard_options=grain.sharding.NoSharding(),
     )
     return iter(loader)

@@ -4,9 +4,11 @@ arrays; and, in process, the chunked entry's reader, its remote (gs://) path and
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(caches: list[Path], out: Path, *extra: str, devices: int = 2) -> list[subprocess.CompletedProcess]:
-    """One process per cache path (a cluster when more than one) → their results, all waited for."""
+def _spawn(caches: list[Path], out: Path, *extra: str, devices: int = 2) -> list[subprocess.Popen]:
+    """One process per cache path (a cluster when more than one)."""
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = []
     for i, cache in enumerate(caches):
@@ -42,6 +44,12 @@ def _run(caches: list[Path], out: Path, *extra: str, devices: int = 2) -> list[s
         command = [sys.executable, str(WORKER), "--cache", str(cache), "--out", str(out / str(i)), *extra]
         command += cluster if len(caches) > 1 else []
         procs.append(subprocess.Popen(command, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def _run(caches: list[Path], out: Path, *extra: str, devices: int = 2) -> list[subprocess.CompletedProcess]:
+    """`_spawn`'s processes → their results, all waited for."""
+    procs = _spawn(caches, out, *extra, devices=devices)
     results = []
     try:
         for proc in procs:
@@ -128,6 +136,45 @@ def test_killed_extraction_resumes_bitwise(tmp_path, reference, kill_at, phase):
     for c in complete:  # chunks complete before the kill were kept as they were, not rewritten from row 0
         for name in (f"pooled.{c:06d}.npy", f"labels.{c:06d}.npy"):
             assert (entry / "0of1" / name).stat().st_ino == inodes[name], name
+
+
+# Two hosts, each SIGKILLed at its n-th cache write of train (per host: 5 chunks x 2 arrays, then done.json).
+_TWO_HOST_POINT = int(np.random.default_rng(23).integers(2, 11))
+
+
+def test_two_processes_killed_mid_extraction_resume_bitwise(tmp_path):
+    caches = [tmp_path / "cache"] * 2  # one shared store
+    procs = _spawn(caches, tmp_path / "killed", "--kill-at", str(_TWO_HOST_POINT))
+    try:
+        first = _wait_any(procs)[0]  # one host died at its kill point: the other is killed at once
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        errors = [proc.communicate(timeout=TIMEOUT_S)[1].decode() for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert first.returncode == -9, errors[procs.index(first)][-3000:]
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert not (entry / "manifest.json").exists() and (entry / "0of2").is_dir()  # killed mid-extraction
+    _ok(_run(caches, tmp_path / "rerun"))
+    _ok(_run([tmp_path / "fresh"] * 2, tmp_path / "uninterrupted"))
+    for i in range(2):
+        got, want = _read(tmp_path / "rerun" / str(i)), _read(tmp_path / "uninterrupted" / str(i))
+        for key in (*SPLITS, *(f"{s}-labels" for s in SPLITS), *(f"{s}-host" for s in SPLITS)):
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"host {i} {key}")
+
+
+def _wait_any(procs: list[subprocess.Popen]):
+    """The processes that have exited, once at least one has (polling: they run as one cluster)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        done = [p for p in procs if p.poll() is not None]
+        if done:
+            return done
+        time.sleep(0.2)
+    raise TimeoutError(f"no worker exited within {TIMEOUT_S} s")
 
 
 # ------------------------------------------------------------------------------------------------ in process
