@@ -78,16 +78,10 @@ class Setup:
         """The feature variants a run's heads train on: pooled, plus the sweep's others."""
         return ("pooled", *(v for v in self.config.sweep.feature_variants if v != "pooled"))
 
-    def cached_features(self, rows: str = "all"):
-        """Every split's features from the cache, extracted into it first where missing: → (features {split:
-        {variant: [n, d]}}, labels {split: [n]}, hits {split: bool}), lazily. rows="host": this host's
-        contiguous rows only (`shard_bounds`: what head training and evaluation read)."""
-        from fxjax.features import extract
-
+    def _extraction(self, rows: str) -> dict:
+        """How every cached split is extracted and read (the same for features and views)."""
         c = self.config
-        return extract.cached_features(
-            self.backbone,
-            self.data,
+        return dict(
             mesh=self.mesh,
             batch_size=c.eval_batch_size,
             cache_dir=c.cache_dir,
@@ -99,26 +93,23 @@ class Setup:
             rows=rows,
         )
 
+    def cached_features(self, rows: str = "all"):
+        """Every split's features from the cache, extracted into it first where missing: → (features {split:
+        {variant: [n, d]}}, labels {split: [n]}, hits {split: bool}), lazily. rows="host": this host's
+        contiguous rows only (`shard_bounds`: what head training and evaluation read)."""
+        from fxjax.features import extract
+
+        return extract.cached_features(self.backbone, self.data, **self._extraction(rows))
+
     def cached_views(self, rows: str = "host"):
-        """config.data.views augmented views of every training image from the cache, extracted into it first
-        where missing: → ({variant: [n, views, d]}, labels [n]), lazily; this host's rows by default."""
+        """config.data.views augmented views (seeded by config.seed) of every training image from the cache,
+        extracted into it first where missing: → ({variant: [n, views, d]}, labels [n]), lazily; this host's
+        rows by default."""
         from fxjax.features import views
 
         c = self.config
         feats, labels, _ = views.cached_views(
-            self.backbone,
-            self.data,
-            views=c.data.views,
-            seed=c.seed,
-            mesh=self.mesh,
-            batch_size=c.eval_batch_size,
-            cache_dir=c.cache_dir,
-            dtype=c.dtype,
-            param_dtype=c.param_dtype,
-            worker_count=c.data.worker_count,
-            param_sharding=self.param_sharding,
-            variants=self.variants,
-            rows=rows,
+            self.backbone, self.data, views=c.data.views, seed=c.seed, **self._extraction(rows)
         )
         return feats, labels
 

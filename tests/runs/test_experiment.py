@@ -188,6 +188,8 @@ def test_cli_rejects_a_misspelled_key_naming_it(tmp_path, capsys):
         (["--config.backbone=resnet-9000"], "unknown backbone 'resnet-9000'"),
         (["--config.batch_size=12"], "config.batch_size=12 must be divisible by the number of devices (8)"),
         (["--config.freeze=lots"], "config.freeze='lots'"),
+        (["--config.data.views=-1"], "config.data.views=-1: must be >= 0"),
+        (["--config.data.views=2", "--config.freeze=none"], "config.data.views caches augmented views"),
     ],
 )
 def test_cli_bad_values_give_one_line_errors(tmp_path, capsys, args, message):
