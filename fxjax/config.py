@@ -48,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.head.kind = "linear"  # linear | mlp
     c.head.hidden_dims = (512,)  # mlp only
     c.head.dropout = 0.0  # mlp only: on the hidden layers, training only
+    # random: the output layer starts at zero; text: a linear head starts as the zero-shot classifier (the class
+    # text embeddings, config.zeroshot) and trains on the "embedding" variant (CLIP-family backbones, cached).
+    c.head.init = "random"
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"  # adamw | sgd
@@ -65,10 +68,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.sweep.learning_rates = ()  # e.g. (1e-3, 3e-3, 1e-2); empty: the optimizer's learning_rate
     c.sweep.weight_decays = ()  # e.g. (0.0, 1e-4); empty: the optimizer's weight_decay
     # Feature variants swept alongside the pooled features (DINOv2 linear evaluation): "cls_last4",
-    # "pooled_avgpool", "cls_last4_avgpool" (ViT-family backbones). The run's own head stays on "pooled".
+    # "pooled_avgpool", "cls_last4_avgpool" (ViT-family backbones), "embedding" (CLIP-family). The run's own
+    # head stays on "pooled" ("embedding" with head.init="text").
     c.sweep.feature_variants = ()
-    # Classic probes on the cached features: any of "ridge", "logistic" (L-BFGS), "knn".
+    # Classic probes on the cached features: any of "ridge", "logistic" (L-BFGS), "knn", and "zeroshot" (the
+    # class text embeddings scored against the "embedding" variant; CLIP-family backbones: HF clip / siglip,
+    # open_clip, whose text tower is loaded from the same checkpoint).
     c.probes = ()
+    # The zero-shot classifier (the "zeroshot" probe, head.init="text"): prompts and class names.
+    c.zeroshot = ml_collections.ConfigDict()
+    c.zeroshot.templates = ("a photo of a {}.",)  # each with one "{}" for the class name; averaged per class
+    c.zeroshot.classnames = ()  # the class names in the prompts, in label order; empty: the dataset's own
+    # open_clip models with OpenAI's BPE tokenizer: its bpe_simple_vocab_16e6.txt.gz; unset: beside the weights.
+    c.zeroshot.bpe_vocab = config_dict.placeholder(str)
     # Few-shot protocol on the cached features: k examples per class, several seeds, mean ± std.
     c.fewshot = ml_collections.ConfigDict()
     c.fewshot.ks = ()  # e.g. (1, 5, 10); empty: no few-shot protocol
@@ -292,8 +304,20 @@ def validate(c: ml_collections.ConfigDict) -> None:
     )
     check(0 <= c.optimizer.label_smoothing < 1, "config.optimizer.label_smoothing must be in [0, 1)")
     check(
-        set(c.probes) <= {"ridge", "logistic", "knn"},
-        f"config.probes={tuple(c.probes)}: choose from 'ridge', 'logistic', 'knn'",
+        set(c.probes) <= {"ridge", "logistic", "knn", "zeroshot"},
+        f"config.probes={tuple(c.probes)}: choose from 'ridge', 'logistic', 'knn', 'zeroshot'",
+    )
+    check(c.head.init in ("random", "text"), f"config.head.init={c.head.init!r}: use 'random' or 'text'")
+    check(
+        c.head.init == "random" or (c.head.kind == "linear" and uses_cached_features(c)),
+        "config.head.init='text' starts a linear head on cached features: set config.head.kind='linear', "
+        "config.freeze='all' and config.data.augment=False",
+    )
+    templates = tuple(c.zeroshot.templates)
+    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
+    check(
+        bool(templates) and not bad,
+        f"config.zeroshot.templates={templates}: each needs exactly one '{{}}', e.g. 'a photo of a {{}}.'",
     )
     check(c.fewshot.probe in ("ridge", "logistic"), f"config.fewshot.probe={c.fewshot.probe!r}: 'ridge' or 'logistic'")
     from fxjax.backbones.backbone import VARIANTS

@@ -23,15 +23,28 @@ def _cls_last4(outputs):  # final-normed CLS of each of the last 4 blocks, conca
     return cls.reshape(cls.shape[0], -1)
 
 
+def _embedding(outputs):  # the image embedding in the joint image-text space, L2-normalised [n, e]
+    if "embedding" in outputs:  # open_clip's encode_image
+        x = outputs["embedding"]
+    elif "image_embeds" in outputs:  # HF CLIP's get_image_features, SigLIP's pooled
+        x = outputs["image_embeds"]
+    else:
+        raise ValueError(
+            "feature variant 'embedding' needs a CLIP-family backbone with both towers (HF clip / siglip, open_clip)"
+        )
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
 # Feature variants for linear evaluation as DINOv2's (`dinov2/eval/linear.py`): the final norm applied to each
 # of the last 4 blocks' outputs, their CLS tokens concatenated, optionally with the average-pooled patch tokens
 # of the last block; computed from a family's outputs in the same pass. Every family has `pooled`; the others
-# need the ViT-family outputs `block_cls_normed` / `patch_tokens`.
+# need the ViT-family outputs `block_cls_normed` / `patch_tokens`; `embedding` a CLIP-family backbone's projection.
 VARIANTS = {
     "pooled": lambda o: o["pooled"],
     "cls_last4": _cls_last4,
     "pooled_avgpool": lambda o: jnp.concatenate([o["pooled"], _avgpool(o)], axis=-1),
     "cls_last4_avgpool": lambda o: jnp.concatenate([_cls_last4(o), _avgpool(o)], axis=-1),
+    "embedding": _embedding,  # what zero-shot scores and a text-initialised head trains on (CLIP as it compares)
 }
 
 
@@ -81,6 +94,9 @@ class Backbone:
 
     @property
     def feature_dim(self) -> int:
+        return self.variant_dim("pooled")
+
+    def variant_dim(self, name: str) -> int:
+        """The width of feature variant `name` (see VARIANTS), from shapes alone."""
         x = jax.ShapeDtypeStruct((1, *self.preprocess.size, 3), np.float32)
-        shape = jax.eval_shape(self._pooled, self.state, x)
-        return int(shape.shape[-1])
+        return int(jax.eval_shape(lambda state, x: VARIANTS[name](self._forward(state, x)), self.state, x).shape[-1])

@@ -114,9 +114,18 @@ def load_state(
     return nnx.merge(graphdef, nnx.from_flat_state(values))
 
 
+# Arguments every timm model takes that do not change the inference maths: training-time rates, head size.
+TRAINING_ONLY_ARGS = frozenset(
+    {"num_classes", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
+     "drop_path_rate", "dynamic_img_size"}
+)  # fmt: skip
+
+
 def sort_args(args: Mapping, fields: set[str], fixed: Mapping, ignored: set[str]) -> tuple[dict, list[str]]:
     """A reference library's constructor arguments → (the ones the module takes, problems): an argument fixed to
-    one value must have it, an ignored one (training-only) is dropped, any other is unknown."""
+    one value must have it, an ignored one (training-only, `TRAINING_ONLY_ARGS` included) is dropped, any other
+    is unknown."""
+    ignored = TRAINING_ONLY_ARGS | ignored
     known, problems = {}, []
     for key, value in args.items():
         if key in fields:

@@ -14,6 +14,7 @@ from flax import nnx
 
 from fxjax.backbones import checkpoints, families, formats
 from fxjax.backbones.backbone import Backbone
+from fxjax.backbones.checkpoints import open_clip
 from fxjax.backbones.convert import load_state
 from fxjax.data.preprocess import PreprocessSpec
 
@@ -26,6 +27,13 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
 )
 _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL filter ids the preprocessing supports
+# Fetched from the Hub beside the weights (all small): the configs the layouts read (transformers', open_clip's)
+# and the files a text tower's tokenizer reads (HF tokenizers, SentencePiece, open_clip's BPE vocabulary).
+HUB_CONFIG_FILES = ("config.json", "preprocessor_config.json", "open_clip_config.json")
+HUB_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "spiece.model", open_clip.BPE_VOCAB,
+)  # fmt: skip
 
 
 def _efficientnet_lite0_file() -> Path:
@@ -142,15 +150,26 @@ def _from_hub(repo_id: str, revision: str | None) -> tuple[Path, str]:
             f"model {repo_id!r} is not in the Hugging Face cache ({hf.constants.HF_HUB_CACHE}) and the Hub cannot be "
             f"reached; on a machine with network run `hf download {repo_id}` (same HF_HOME), or pass a local folder"
         ) from err
-    names = {s.rfilename for s in info.siblings or []}
-    chosen = next((f for f in WEIGHT_FILES if f in names), None)
-    if chosen is None:
-        raise FileNotFoundError(f"{repo_id}: no weight file among {', '.join(WEIGHT_FILES)} on the Hub")
-    shards = "model-*.safetensors" if chosen.startswith("model.") else "pytorch_model-*.bin"
     folder = hf.snapshot_download(
-        repo_id, revision=info.sha, allow_patterns=["config.json", "preprocessor_config.json", chosen, shards]
+        repo_id, revision=info.sha, allow_patterns=hub_patterns(repo_id, {s.rfilename for s in info.siblings or []})
     )
     return Path(folder), info.sha
+
+
+def hub_patterns(repo_id: str, names: set[str]) -> list[str]:
+    """What to fetch of a Hub repo holding the files `names`: one weight format (open_clip's where the repo
+    has its config, as the local layouts prefer it; else transformers' first choice, with its shards), the
+    configs and the tokenizer files."""
+    open_clip_files = open_clip.WEIGHT_FILES if open_clip.CONFIG in names else ()
+    chosen = next((f for f in (*open_clip_files, *WEIGHT_FILES) if f in names), None)
+    if chosen is None:
+        raise FileNotFoundError(
+            f"{repo_id}: no weight file among {', '.join((*open_clip.WEIGHT_FILES, *WEIGHT_FILES))} on the Hub"
+        )
+    weights = [chosen]
+    if chosen in WEIGHT_FILES:
+        weights.append("model-*.safetensors" if chosen.startswith("model.") else "pytorch_model-*.bin")
+    return [*HUB_CONFIG_FILES, *weights, *HUB_TOKENIZER_FILES]
 
 
 def weight_files(folder: Path) -> Path:

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fxjax.backbones.activations import activation
+
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
     """`lax.dot_general` summing in float32 whatever the operands' dtype, the result in their dtype.
@@ -96,3 +98,68 @@ class PointwiseConv(nnx.Module):
     def __call__(self, x):  # [..., in] → [..., out]
         y = matmul(x.astype(self.dtype), self.kernel[...][0, 0].astype(self.dtype))
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+
+# HF ConvNeXt fixes this eps for every LayerNorm but the final one (config.layer_norm_eps).
+INNER_NORM_EPS = 1e-6
+
+
+def two_pass_layer_norm(features: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Two-pass variance, as torch computes it: the final norm's eps (1e-12) cannot hide E[x²]-E[x]²'s error.
+    return nnx.LayerNorm(
+        features, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+
+
+class GlobalResponseNorm(nnx.Module):
+    """ConvNeXt-V2's GRN: each channel's spatial L2 norm, divided by its mean over channels, rescales the input
+    (x + scale · x · n + bias); zero-initialised scale and bias make it the identity."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.scale = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):  # [n, h, w, dim]
+        # The norms sum h·w squares: in float32 whatever the compute dtype (bfloat16 would lose the small ones).
+        norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2), keepdims=True))  # [n, 1, 1, dim]
+        norm = (norm / (jnp.mean(norm, axis=-1, keepdims=True) + self.eps)).astype(self.dtype)
+        scale, bias = self.scale[...].astype(self.dtype), self.bias[...].astype(self.dtype)
+        return x + scale * (x * norm) + bias
+
+
+class ConvNextBlock(nnx.Module):
+    """Depthwise 7x7 → LayerNorm → Linear 4x → activation → [GRN] → Linear → × layer scale → + input."""
+
+    def __init__(
+        self,
+        dim: int,
+        config,
+        *,
+        grn: bool = False,
+        norm_eps: float = INNER_NORM_EPS,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+    ):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        # Shifted-copy sum, not a grouped nnx.Conv: XLA's CPU grouped convolution is several times slower.
+        self.dwconv = DepthwiseConv(dim, 7, padding=((3, 3), (3, 3)), use_bias=True, **kw)
+        self.layernorm = two_pass_layer_norm(dim, norm_eps, **kw)
+        self.pwconv1 = nnx.Linear(dim, 4 * dim, dot_general=dot_general, **kw)
+        self.grn = GlobalResponseNorm(4 * dim, **kw) if grn else None
+        self.pwconv2 = nnx.Linear(4 * dim, dim, dot_general=dot_general, **kw)
+        self.activation = activation(config.hidden_act)
+        self.layer_scale = (
+            nnx.Param(jnp.full((dim,), config.layer_scale_init_value, param_dtype))
+            if config.layer_scale_init_value > 0
+            else None
+        )
+        self.dtype = dtype
+
+    def __call__(self, x):  # [n, h, w, dim]
+        y = self.activation(self.pwconv1(self.layernorm(self.dwconv(x))))
+        y = self.pwconv2(y if self.grn is None else self.grn(y))
+        if self.layer_scale is not None:
+            y = y * self.layer_scale[...].astype(self.dtype)
+        return x + y

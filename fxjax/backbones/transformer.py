@@ -1,4 +1,4 @@
-"""Vision-transformer pieces shared by the ViT, DeiT, DINOv2, CLIP, SigLIP and BLIP families.
+"""Vision-transformer pieces shared by the ViT, DeiT, DINOv2, DINOv3, CLIP, SigLIP and BLIP families.
 
 `VisionTransformer` is the common trunk (patch embedding → prefix tokens + position embeddings → pre-LN blocks
 → final norm); a family subclasses it for what its checkpoints differ in: token layout, pooling head, names.
@@ -64,6 +64,7 @@ class TransformerSpec:
     # `no_embed_class` models have 0; its register models without it have all (class tokens and registers).
     positioned_prefix: int | None = None
     final_norm: bool = True  # False: no norm after the blocks (timm's `fc_norm` models norm after pooling)
+    position_embeddings: bool = True  # False: no learned positions (DINOv3 puts RoPE in its blocks instead)
 
     @classmethod
     def from_hf(cls, config, **overrides) -> TransformerSpec:
@@ -178,9 +179,10 @@ class PatchEmbed(nnx.Module):
 
 
 class Embeddings(nnx.Module):
-    """Patch tokens with the class tokens (CLS, distillation) in front, plus position embeddings, resized
-    (bicubic, as the references do) when the input's patch grid differs from the checkpoint's; then the
-    register tokens, if any, between the class tokens and the patches (they have no position embedding)."""
+    """Patch tokens with the class tokens (CLS, distillation) in front, plus position embeddings (if the model
+    has them), resized (bicubic, as the references do) when the input's patch grid differs from the
+    checkpoint's; then the register tokens, if any, between the class tokens and the patches (they have no
+    position embedding)."""
 
     def __init__(self, spec: TransformerSpec, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.spec, self.dtype = spec, dtype
@@ -197,29 +199,35 @@ class Embeddings(nnx.Module):
             else None
         )
         positions = (spec.position_prefix + spec.grid**2, spec.dim)
-        self.position = nnx.Param(init(rngs.params(), (1, *positions) if spec.batch_dims else positions, param_dtype))
+        shape = (1, *positions) if spec.batch_dims else positions
+        self.position = nnx.Param(init(rngs.params(), shape, param_dtype)) if spec.position_embeddings else None
         self.pre_norm = layer_norm(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if spec.pre_norm else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         tokens, grid = self.patch_embed(x)  # [n, p, d]
         n, dim = tokens.shape[0], self.spec.dim
-        k, m = self.spec.prefix_tokens, self.spec.position_prefix  # prefix tokens, those with a position
-        pos = self.position[...].reshape(1, -1, dim)  # [1, m + g*g, d]
-        grid_in = (self.spec.grid, self.spec.grid)
-        patch_pos = resize_positions(
-            pos[:, m:], grid_in, grid, self.spec.antialias_positions, self.spec.position_offset
-        )
+        k = self.spec.prefix_tokens
         if k:
             prefix = [t[...].reshape(1, 1, dim) for t in (self.cls_token, self.dist_token) if t is not None]
             if self.register_tokens is not None:
                 prefix.append(self.register_tokens[...].reshape(1, -1, dim))
             prefix = jnp.broadcast_to(jnp.concatenate(prefix, axis=1).astype(self.dtype), (n, k, dim))
             tokens = jnp.concatenate([prefix, tokens], axis=1)  # [n, k + p, d]: class tokens, registers, patches
-        # Prefix tokens past the first m get no position (adding zeros is exact).
-        unplaced = jnp.zeros((1, k - m, dim), pos.dtype)
-        pos = jnp.concatenate([pos[:, :m], unplaced, patch_pos], axis=1).astype(self.dtype)
-        tokens = tokens + pos
+        if self.position is not None:
+            tokens = tokens + self.positions(grid)
         return self.pre_norm(tokens) if self.pre_norm is not None else tokens
+
+    def positions(self, grid: tuple[int, int]) -> jax.Array:
+        """Position embeddings [1, k + gh*gw, d] for the input's patch grid; prefix tokens past the first
+        `position_prefix` get zeros (adding them is exact)."""
+        k, m, dim = self.spec.prefix_tokens, self.spec.position_prefix, self.spec.dim
+        pos = self.position[...].reshape(1, -1, dim)  # [1, m + g*g, d]
+        grid_in = (self.spec.grid, self.spec.grid)
+        patch_pos = resize_positions(
+            pos[:, m:], grid_in, grid, self.spec.antialias_positions, self.spec.position_offset
+        )
+        unplaced = jnp.zeros((1, k - m, dim), pos.dtype)
+        return jnp.concatenate([pos[:, :m], unplaced, patch_pos], axis=1).astype(self.dtype)
 
 
 def layer_norm(spec: TransformerSpec, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:

@@ -10,15 +10,23 @@ from fxjax.evaluate import probes
 SPLITS = ("train", "val", "test")
 
 
-def on_features(config, variants: dict, labels: dict, num_classes: int, *, mesh=None) -> tuple[dict, dict]:
+def on_features(
+    config, variants: dict, labels: dict, num_classes: int, zero_shot=None, *, mesh=None
+) -> tuple[dict, dict]:
     """Runs the probes and the few-shot protocol the config asks for on the pooled features of
-    {split: {variant: features}}. → (summary entries, {file name: JSON object or markdown text}); the caller
-    (who owns the run directory) writes the files. With `mesh` the features may be lazy (a cache entry's
-    chunked arrays): the probes read them chunk by chunk onto the mesh, few-shot only its drawn rows."""
+    {split: {variant: features}} ("zeroshot": `zero_shot`, an `evaluate.zeroshot.ZeroShotClassifier`, on the
+    "embedding" variant). → (summary entries, {file name: JSON object or markdown text}); the caller (who owns
+    the run directory) writes the files. With `mesh` the features may be lazy (a cache entry's chunked arrays):
+    the probes read them chunk by chunk onto the mesh, few-shot only its drawn rows."""
     out, files = {}, {}
     feats = {split: v["pooled"] for split, v in variants.items()}
     if config.probes:
-        results = [_probe(name, feats, labels, num_classes, mesh) for name in config.probes]
+        results = [
+            zero_shot.probe(*((np.asarray(variants[s]["embedding"]), labels[s]) for s in ("val", "test")))
+            if name == "zeroshot"
+            else _probe(name, feats, labels, num_classes, mesh)
+            for name in config.probes
+        ]
         files["probes.json"] = {"probes": [r.to_dict() for r in results]}
         files["probes.md"] = _probes_markdown(results)
         out["probes"] = {

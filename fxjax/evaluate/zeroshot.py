@@ -4,11 +4,17 @@ Class names x prompt templates → text embeddings, each L2-normalised, averaged
 (CLIP's prompt ensembling, open_clip's `build_zero_shot_classifier`) → logits = scale * image @ class.T + bias on
 L2-normalised image embeddings (the backbone's projected output: open_clip's `embedding`, HF CLIP's
 `image_embeds`, SigLIP's pooled), as `logits_per_image`. No training, so no hyper-parameter to sweep.
+
+In a run (`config.probes` "zeroshot", `config.head.init="text"`): `check_text_tower` refuses a backbone without a
+text tower before anything loads, `zero_shot_classifier` loads the tower of the backbone's checkpoint and embeds
+the dataset's class names.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,3 +79,69 @@ def text_init_head(class_emb: np.ndarray, scale: float = 100.0, bias: float = 0.
     image embeddings its logits are `zero_shot_logits`. Fine-tuning from it starts at zero-shot accuracy."""
     class_emb = np.asarray(class_emb, np.float32)  # [c, e]
     return {"kernel": scale * class_emb.T, "bias": np.full((class_emb.shape[0],), bias, np.float32)}
+
+
+# Checkpoints with both towers: HF model types (a *_vision_model has no text tower), and open_clip's layout.
+TEXT_MODEL_TYPES = ("clip", "siglip")
+
+
+@dataclass(frozen=True)
+class ZeroShotClassifier:
+    """The class text embeddings of one dataset with the checkpoint's logit scale and bias: what the "zeroshot"
+    probe scores and a text-initialised head starts from."""
+
+    class_emb: np.ndarray  # [c, e], unit norm
+    scale: float
+    bias: float = 0.0
+
+    def probe(self, val: tuple[Any, Any], test: tuple[Any, Any]) -> ProbeResult:
+        return zero_shot_probe(val, test, self.class_emb, self.scale, self.bias)
+
+    def head(self) -> dict[str, np.ndarray]:
+        return text_init_head(self.class_emb, self.scale, self.bias)
+
+
+def text_keys(config) -> list[str]:
+    """The options of a resolved run config that need the backbone's text tower."""
+    keys = ["config.probes 'zeroshot'"] if "zeroshot" in config.probes else []
+    return keys + (["config.head.init='text'"] if config.head.init == "text" else [])
+
+
+def check_text_tower(config) -> None:
+    """Refuses a run whose options need a text tower (`text_keys`) on a backbone without one, from the checkpoint's
+    config file alone: before any weights load or anything compiles."""
+    from fxjax.backbones import hub
+    from fxjax.backbones.checkpoints import open_clip
+
+    keys = text_keys(config)
+    if not keys:
+        return
+    if config.backbone not in hub.BUILTINS:
+        path, _ = hub.resolve(config.backbone, config.revision)
+        file = path / "config.json"
+        if open_clip.matches(path) or (
+            path.is_dir() and file.is_file() and json.loads(file.read_text()).get("model_type") in TEXT_MODEL_TYPES
+        ):
+            return
+    raise ValueError(
+        f"{keys[0]} needs a CLIP-family backbone with its text tower (HF {' / '.join(TEXT_MODEL_TYPES)}, open_clip); "
+        f"config.backbone={config.backbone!r} has none: choose one, or drop the option"
+    )
+
+
+def zero_shot_classifier(
+    backbone: str,
+    classnames: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+    *,
+    revision: str | None = None,
+    bpe_vocab: str | None = None,
+    dtype="float32",
+    param_dtype="float32",
+) -> ZeroShotClassifier:
+    """The zero-shot classifier of `backbone`'s text tower (same checkpoint, same revision) for `classnames`."""
+    from fxjax.backbones.text import load_text_tower
+
+    tower = load_text_tower(backbone, revision=revision, dtype=dtype, param_dtype=param_dtype, bpe_vocab=bpe_vocab)
+    class_emb = class_embeddings(tower.encode, list(classnames), list(templates))
+    return ZeroShotClassifier(class_emb, tower.info.get("logit_scale", 100.0), tower.info.get("logit_bias", 0.0))

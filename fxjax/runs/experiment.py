@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -152,7 +153,7 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
     feats, labels, hits = setup.cached_features(rows="host")  # heads train and evaluate on the host's rows
     extras = {"feature_cache_hits": hits, "extract_seconds": time.perf_counter() - start}
     probed = setup.cached_features()[:2] if config.probes or config.fewshot.ks else (feats, labels)  # lazy, all
-    entries, files = protocols.on_features(config, *probed, data.num_classes, mesh=setup.mesh)
+    entries, files = protocols.on_features(config, *probed, data.num_classes, setup.zero_shot, mesh=setup.mesh)
     if jax.process_index() == 0:
         for name, content in files.items():
             run.write(name, content)
@@ -167,6 +168,8 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
         v: Classifier(None, make_head(config.head, feats["train"][v].shape[1], data.num_classes, config.seed), v)
         for v in variants
     }
+    if config.head.init == "text":  # the run's heads start as the zero-shot classifier
+        _assign_linear(models["embedding"].head.out, setup.zero_shot.head())
     shard, eval_batch, total = setup.shard, config.eval_batch_size, {s: len(data.splits[s]) for s in data.splits}
     train_feats, train_labels = {v: feats["train"][v] for v in variants}, labels["train"]
     if config.data.views:  # K cached augmented views per image; each epoch draws one
@@ -183,6 +186,11 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
         freeze.trainable(()),  # a head alone: all of it trains; XLA's default options suit its skinny matmuls
         extras=extras,
     )
+
+
+def _assign_linear(layer, weights: dict) -> None:
+    layer.kernel.set_value(jnp.asarray(weights["kernel"], layer.kernel.get_value().dtype))
+    layer.bias.set_value(jnp.asarray(weights["bias"], layer.bias.get_value().dtype))
 
 
 def _online_inputs(setup: Setup) -> Inputs:

@@ -85,6 +85,7 @@ def export(workdir: str | Path, out: str | Path, *, with_backbone: bool = False)
             "kind": head_config["kind"],
             "dropout": head_config.get("dropout", 0.0),
             "hidden_dims": list(head_config["hidden_dims"]) if head_config["kind"] == "mlp" else [],
+            "init": head_config.get("init", "random"),
         },
         "variant": winner["variant"],
         "image_size": config.get("image_size"),
@@ -203,7 +204,7 @@ def load_classifier(path: str | Path) -> ExportedClassifier:
         )
     backbone = _load_backbone(spec, folder)
     head = Head(
-        backbone.feature_dim,
+        backbone.variant_dim(spec.get("variant", "pooled")),
         len(spec["class_names"]),
         hidden_dims=tuple(spec["head"]["hidden_dims"]),
         dropout=spec["head"]["dropout"],

@@ -27,7 +27,10 @@ class Setup:
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> Setup:
         """Resolves `config` (unknown keys and bad values are errors) and builds the mesh."""
+        from fxjax.evaluate import zeroshot
+
         config = config_lib.resolve(config)
+        zeroshot.check_text_tower(config)  # reads the checkpoint's config file only
         mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp)
         parallel.check_batch_size(config.batch_size, mesh)
         parallel.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
@@ -75,8 +78,30 @@ class Setup:
 
     @property
     def variants(self) -> tuple[str, ...]:
-        """The feature variants a run's heads train on: pooled, plus the sweep's others."""
-        return ("pooled", *(v for v in self.config.sweep.feature_variants if v != "pooled"))
+        """The feature variants a run's heads train on: pooled ("embedding" for a text-initialised head), plus the
+        sweep's others."""
+        first = "embedding" if self.config.head.init == "text" else "pooled"
+        return (first, *(v for v in self.config.sweep.feature_variants if v != first))
+
+    @cached_property
+    def zero_shot(self):
+        """The zero-shot classifier (`evaluate.zeroshot.ZeroShotClassifier`) of the backbone's text tower for the
+        dataset's classes, where the "zeroshot" probe or a text-initialised head needs it; else None."""
+        from fxjax.evaluate import zeroshot
+
+        c = self.config
+        if not zeroshot.text_keys(c):
+            return None
+        names = list(c.zeroshot.classnames) or self.data.class_names
+        if len(names) != self.data.num_classes:
+            raise ValueError(
+                f"config.zeroshot.classnames has {len(names)} names but {self.data.name} has {self.data.num_classes} "
+                "classes: give one name per class, in label order (or none: the dataset's own)"
+            )
+        return zeroshot.zero_shot_classifier(
+            c.backbone, names, tuple(c.zeroshot.templates), revision=c.revision, bpe_vocab=c.zeroshot.bpe_vocab,
+            dtype=c.dtype, param_dtype=c.param_dtype,
+        )  # fmt: skip
 
     def _extraction(self, rows: str) -> dict:
         """How every cached split is extracted and read (the same for features and views)."""
@@ -89,7 +114,7 @@ class Setup:
             param_dtype=c.param_dtype,
             worker_count=c.data.worker_count,
             param_sharding=self.param_sharding,
-            variants=self.variants,
+            variants=tuple(dict.fromkeys((*self.variants, *(("embedding",) if "zeroshot" in c.probes else ())))),
             rows=rows,
         )
 

@@ -65,7 +65,7 @@ def test_folder_records_backbone_classes_preprocessing_and_best_head(run, export
     summary = json.loads((run / "summary.json").read_text())
     assert spec["backbone"] == {k: env["backbone"][k] for k in ("name", "revision", "model_type", "weight_sha256")}
     assert spec["class_names"] == env["class_names"] and spec["preprocess"] == env["preprocess"]
-    assert spec["head"] == {"kind": "linear", "hidden_dims": [], "dropout": 0.0}
+    assert spec["head"] == {"kind": "linear", "hidden_dims": [], "dropout": 0.0, "init": "random"}
     assert spec["image_size"] == 32 and spec["trained"]["step"] == summary["best_step"]
     assert spec["config"] == json.loads((run / "config.json").read_text())
     tensors = load_file(str(exported / "head.safetensors"))

@@ -27,6 +27,7 @@ from fxjax.data.preprocess import PreprocessSpec
 
 CONFIG = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # preferred first
+BPE_VOCAB = "bpe_simple_vocab_16e6.txt.gz"  # OpenAI's BPE vocabulary, read from beside the weights if there
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -255,7 +256,8 @@ def load(path: Path, *, name: str, revision: str | None, dtype, param_dtype) -> 
 
 def tokenizer(path: Path, config: dict, bpe_vocab: str | Path | None):
     """open_clip's tokenizer for this model: the HF tokenizer its config names (saved in the folder, as
-    `push_to_hf_hub` does, or by name from the Hub cache), else OpenAI's BPE from `bpe_vocab`."""
+    `push_to_hf_hub` does, or by name from the Hub cache), else OpenAI's BPE from `bpe_vocab` (default: the
+    BPE_VOCAB file beside the weights)."""
     from fxjax.backbones.text_tokenizers import ClipBpe, HFTokens
 
     cfg = config["model_cfg"]["text_cfg"]
@@ -263,16 +265,18 @@ def tokenizer(path: Path, config: dict, bpe_vocab: str | Path | None):
     kwargs = dict(cfg.get("tokenizer_kwargs") or {})
     clean = kwargs.pop("clean", None)
     hf_name = cfg.get("hf_tokenizer_name")
+    folder = path if path.is_dir() else path.parent
     if hf_name:
         from transformers import AutoTokenizer
 
-        folder = path if path.is_dir() else path.parent
         source = folder if (folder / "tokenizer_config.json").is_file() else hf_name
         return HFTokens(AutoTokenizer.from_pretrained(source, **kwargs), context, clean or "whitespace")
+    if bpe_vocab is None and (folder / BPE_VOCAB).is_file():
+        bpe_vocab = folder / BPE_VOCAB
     if bpe_vocab is None:
         raise ValueError(
             f"{path}: this open_clip model uses OpenAI's CLIP BPE tokenizer; pass bpe_vocab= the path of its "
-            "bpe_simple_vocab_16e6.txt.gz (shipped inside the open_clip_torch package and openai/CLIP)"
+            f"{BPE_VOCAB} (shipped inside the open_clip_torch package and openai/CLIP), or put it beside the weights"
         )
     return ClipBpe(bpe_vocab, context, clean or "lower")
 

@@ -166,8 +166,9 @@ class _Args:
             raise ValueError(f"timm {self.architecture}: model_args {given} not supported by fxjax; remove them")
 
 
-def _abstract(make: Callable[[], nnx.Module]) -> nnx.Module:
-    return nnx.eval_shape(make)
+def _shape(cls: type[nnx.Module], config, *, dtype, param_dtype, **kwargs) -> nnx.Module:
+    """`cls(config, **kwargs)` built abstractly (shapes only): the weights come from the checkpoint."""
+    return nnx.eval_shape(lambda: cls(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0), **kwargs))
 
 
 def convnext(architecture: str, model_args: Mapping, *, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -199,16 +200,14 @@ def convnext(architecture: str, model_args: Mapping, *, dtype=jnp.float32, param
         layer_norm_eps=eps,
     )
     args.done()
-    module = _abstract(
-        lambda: convnext_family.ConvNext(
-            config,
-            grn=grn,
-            norm_eps=eps,
-            head_hidden=head_hidden,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=nnx.Rngs(0),
-        )
+    module = _shape(
+        convnext_family.ConvNext,
+        config,
+        grn=grn,
+        norm_eps=eps,
+        head_hidden=head_hidden,
+        dtype=dtype,
+        param_dtype=param_dtype,
     )
     return module, convnext_rules(conv_mlp=conv_mlp)
 
@@ -287,17 +286,15 @@ def resnet(architecture: str, model_args: Mapping, *, dtype=jnp.float32, param_d
         downsample_in_bottleneck=False,
     )
     args.done()
-    module = _abstract(
-        lambda: resnet_family.ResNet(
-            config,
-            stem_widths=stem_widths,
-            avg_down=avg_down,
-            groups=cardinality,
-            width_per_group=base_width,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=nnx.Rngs(0),
-        )
+    module = _shape(
+        resnet_family.ResNet,
+        config,
+        stem_widths=stem_widths,
+        avg_down=avg_down,
+        groups=cardinality,
+        width_per_group=base_width,
+        dtype=dtype,
+        param_dtype=param_dtype,
     )
     return module, resnet_rules(deep_stem=deep, avg_down=avg_down)
 
@@ -365,9 +362,7 @@ def _efficientnet(architecture: str, model_args: Mapping, *, lite: bool, dtype, 
         first_block_skip=True,
     )
     args.done()
-    module = _abstract(
-        lambda: efficientnet_family.EfficientNet(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    )
+    module = _shape(efficientnet_family.EfficientNet, config, dtype=dtype, param_dtype=param_dtype)
     return module, efficientnet_rules(config)
 
 

@@ -22,6 +22,8 @@ FAMILIES: dict[str, str] = {
     "deit": "fxjax.backbones.families.vit",
     "dinov2": "fxjax.backbones.families.dinov2",
     "dinov2_with_registers": "fxjax.backbones.families.dinov2",
+    "dinov3_vit": "fxjax.backbones.families.dinov3_vit",
+    "dinov3_convnext": "fxjax.backbones.families.dinov3_convnext",
     "clip": "fxjax.backbones.families.clip",
     "clip_vision_model": "fxjax.backbones.families.clip",
     "siglip": "fxjax.backbones.families.siglip",

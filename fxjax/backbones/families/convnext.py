@@ -13,72 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fxjax.backbones.activations import activation
 from fxjax.backbones.convert import Rule
-from fxjax.backbones.layers import DepthwiseConv, dot_general
-
-INNER_NORM_EPS = 1e-6  # fixed in the reference for every LayerNorm but the final one (config.layer_norm_eps)
-
-
-def _layer_norm(features: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    # Two-pass variance, as torch computes it: the final norm's eps (1e-12) cannot hide E[x²]-E[x]²'s error.
-    return nnx.LayerNorm(
-        features, epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-    )
-
-
-class GlobalResponseNorm(nnx.Module):
-    """ConvNeXt-V2's GRN: each channel's spatial L2 norm, divided by its mean over channels, rescales the input
-    (x + scale · x · n + bias); zero-initialised scale and bias make it the identity."""
-
-    def __init__(self, dim: int, eps: float = 1e-6, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.scale = nnx.Param(jnp.zeros((dim,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
-        self.eps, self.dtype = eps, dtype
-
-    def __call__(self, x):  # [n, h, w, dim]
-        # The norms sum h·w squares: in float32 whatever the compute dtype (bfloat16 would lose the small ones).
-        norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2), keepdims=True))  # [n, 1, 1, dim]
-        norm = (norm / (jnp.mean(norm, axis=-1, keepdims=True) + self.eps)).astype(self.dtype)
-        scale, bias = self.scale[...].astype(self.dtype), self.bias[...].astype(self.dtype)
-        return x + scale * (x * norm) + bias
-
-
-class Block(nnx.Module):
-    """Depthwise 7x7 → LayerNorm → Linear 4x → activation → [GRN] → Linear → × layer scale → + input."""
-
-    def __init__(
-        self,
-        dim: int,
-        config,
-        *,
-        grn: bool = False,
-        norm_eps: float = INNER_NORM_EPS,
-        dtype,
-        param_dtype,
-        rngs: nnx.Rngs,
-    ):
-        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        # Shifted-copy sum, not a grouped nnx.Conv: XLA's CPU grouped convolution is several times slower.
-        self.dwconv = DepthwiseConv(dim, 7, padding=((3, 3), (3, 3)), use_bias=True, **kw)
-        self.layernorm = _layer_norm(dim, norm_eps, **kw)
-        self.pwconv1 = nnx.Linear(dim, 4 * dim, dot_general=dot_general, **kw)
-        self.grn = GlobalResponseNorm(4 * dim, **kw) if grn else None
-        self.pwconv2 = nnx.Linear(4 * dim, dim, dot_general=dot_general, **kw)
-        self.activation = activation(config.hidden_act)
-        self.layer_scale = (
-            nnx.Param(jnp.full((dim,), config.layer_scale_init_value, param_dtype))
-            if config.layer_scale_init_value > 0
-            else None
-        )
-        self.dtype = dtype
-
-    def __call__(self, x):  # [n, h, w, dim]
-        y = self.activation(self.pwconv1(self.layernorm(self.dwconv(x))))
-        y = self.pwconv2(y if self.grn is None else self.grn(y))
-        if self.layer_scale is not None:
-            y = y * self.layer_scale[...].astype(self.dtype)
-        return x + y
+from fxjax.backbones.layers import INNER_NORM_EPS, ConvNextBlock, dot_general, two_pass_layer_norm
 
 
 class Stage(nnx.Module):
@@ -98,11 +34,11 @@ class Stage(nnx.Module):
     ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         downsamples = cin != cout or stride > 1
-        self.downsample_norm = _layer_norm(cin, norm_eps, **kw) if downsamples else None
+        self.downsample_norm = two_pass_layer_norm(cin, norm_eps, **kw) if downsamples else None
         self.downsample = (
             nnx.Conv(cin, cout, (stride, stride), strides=stride, padding="VALID", **kw) if downsamples else None
         )
-        self.layers = nnx.List([Block(cout, config, grn=grn, norm_eps=norm_eps, **kw) for _ in range(depth)])
+        self.layers = nnx.List([ConvNextBlock(cout, config, grn=grn, norm_eps=norm_eps, **kw) for _ in range(depth)])
 
     def __call__(self, x):  # [n, h, w, cin] → [n, h / stride, w / stride, cout]
         if self.downsample is not None:
@@ -136,7 +72,7 @@ class ConvNext(nnx.Module):
         self.patch_embeddings = nnx.Conv(
             config.num_channels, width, (patch, patch), strides=patch, padding="VALID", **kw
         )
-        self.embeddings_norm = _layer_norm(width, norm_eps, **kw)
+        self.embeddings_norm = two_pass_layer_norm(width, norm_eps, **kw)
         stages, cin = [], width
         for i in range(config.num_stages):
             cout = config.hidden_sizes[i]
@@ -145,7 +81,7 @@ class ConvNext(nnx.Module):
             )
             cin = cout
         self.stages = nnx.List(stages)
-        self.layernorm = _layer_norm(cin, config.layer_norm_eps, **kw)
+        self.layernorm = two_pass_layer_norm(cin, config.layer_norm_eps, **kw)
         self.head_fc = nnx.Linear(cin, head_hidden, dot_general=dot_general, **kw) if head_hidden else None
 
     def stage_paths(self) -> list[tuple[str, ...]]:

@@ -120,21 +120,8 @@ _FIXED = {
     "dynamic_img_pad": False,
     "norm_layer": None,
 }
-# Training-time or head-only arguments: no effect on the features.
-_IGNORED = {
-    "num_classes",
-    "drop_rate",
-    "pos_drop_rate",
-    "patch_drop_rate",
-    "proj_drop_rate",
-    "attn_drop_rate",
-    "drop_path_rate",
-    "head_init_scale",
-    "dynamic_img_size",
-    "rope_shift_coords",
-    "rope_jitter_coords",
-    "rope_rescale_coords",
-}
+# Head-only and training-time RoPE arguments (beside convert.TRAINING_ONLY_ARGS): no effect on the features.
+_IGNORED = {"head_init_scale", "rope_shift_coords", "rope_jitter_coords", "rope_rescale_coords"}
 
 
 def from_args(architecture: str, args: dict) -> EvaArgs:

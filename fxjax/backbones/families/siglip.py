@@ -3,7 +3,8 @@
 SigLIP has no CLS token. Pooled features are HF's `pooler_output`: the attention-pooling head (`head.*`: a
 learned probe attends over the post-layernormed tokens, then a residual MLP). A tower built without a head
 (`vision_use_head=False`, where HF has no pooler output) pools by the mean of the final tokens. `block_cls`
-holds each block's mean token. Other outputs: see `transformer`.
+holds each block's mean token; `image_embeds` is `pooled` (SigLIP's joint image-text space has no
+projection). Other outputs: see `transformer`.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class SiglipVision(VisionTransformer):
     def finish(self, x: jax.Array) -> dict:
         normed = self.norm(x)
         pooled = self.head(normed) if self.head is not None else jnp.mean(normed, axis=1)
-        return {"last_hidden_state": normed, "normed": normed, "pooled": pooled}
+        return {"last_hidden_state": normed, "normed": normed, "pooled": pooled, "image_embeds": pooled}
 
 
 def build(config, *, dtype, param_dtype, rngs: nnx.Rngs) -> SiglipVision:

@@ -113,21 +113,8 @@ _FIXED = {
     "block_fn": None,
     "attn_layer": None,
 }
-# timm arguments that do not change the inference maths (training-time rates, init, head size, input checks).
-_IGNORED = {
-    "num_classes",
-    "drop_rate",
-    "pos_drop_rate",
-    "patch_drop_rate",
-    "proj_drop_rate",
-    "attn_drop_rate",
-    "drop_path_rate",
-    "weight_init",
-    "fix_init",
-    "dynamic_img_size",
-    "strict_img_size",
-    "class_token_init",  # never in the state dict's maths
-}
+# Init and input-check arguments (beside convert.TRAINING_ONLY_ARGS): no effect on the inference maths.
+_IGNORED = {"weight_init", "fix_init", "strict_img_size", "class_token_init"}
 
 
 def from_args(architecture: str, args: dict) -> TimmViTArgs:
