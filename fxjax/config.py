@@ -40,6 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.few_shot_k = config_dict.placeholder(int)  # keep k training images per class; unset: all
     c.data.augment = False  # random crops and flips of training images (needs the backbone online)
     c.data.worker_count = 0  # grain worker processes decoding images; 0: in the main process
+    # Cached runs: K seeded augmented views (random resized crop + flip, seeded by config.seed) of every
+    # training image are extracted once; each epoch trains on one view per image. 0: no views.
+    c.data.views = 0
 
     c.head = ml_collections.ConfigDict()
     c.head.kind = "linear"  # linear | mlp
@@ -328,6 +331,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
         check(value > 0, f"config.{key}={value}: must be > 0")
     check(c.image_size is None or c.image_size > 0, f"config.image_size={c.image_size}: must be > 0")
     check(c.data.worker_count >= 0, f"config.data.worker_count={c.data.worker_count}: must be >= 0")
+    check(c.data.views >= 0, f"config.data.views={c.data.views}: must be >= 0 (0: no augmented views)")
+    check(
+        not c.data.views or uses_cached_features(c),
+        "config.data.views caches augmented views for heads on cached features: it needs config.freeze='all' "
+        "and config.data.augment=False (online augmentation is config.data.augment)",
+    )
     k = c.data.few_shot_k
     check(k is None or k > 0, f"config.data.few_shot_k={k}: must be > 0")
     check(all(k > 0 for k in c.fewshot.ks), f"config.fewshot.ks={tuple(c.fewshot.ks)}: every k must be > 0")

@@ -29,17 +29,18 @@ def main(argv: list[str] | None = None) -> int:
             config_lib.override(config, key, value)
         setup = Setup.from_config(config)
         config, data, backbone = setup.config, setup.data, setup.backbone  # the cheap data first
-        feats, _, hits = setup.cached_features()
+        feats, _, hits = setup.cached_features(rows="host")  # what a host reads: never gathers the split
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not primary:
         return 0
-    cache = store.FeatureCache(store.cache_root(config.cache_dir))
+    root = store.as_path(store.cache_root(config.cache_dir))  # an epath: a gs:// root prints as its URI
     for split, arrays in feats.items():
         key = extract.fingerprint(backbone, data, split, config.dtype, config.param_dtype, tuple(arrays))
-        shapes = ", ".join(f"{name} {a.shape[0]} x {a.shape[1]}" for name, a in arrays.items())
-        print(f"{split}: {shapes} ({'cached' if hits[split] else 'extracted'}) {cache.path(key)}")
+        n = len(data.splits[split])
+        shapes = ", ".join(f"{name} {n} x {a.shape[1]}" for name, a in arrays.items())
+        print(f"{split}: {shapes} ({'cached' if hits[split] else 'extracted'}) {root / store.fingerprint_key(key)}")
     return 0
 
 

@@ -28,6 +28,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from fxjax.parallel import mesh as mesh_lib
+
 DEFAULT_LAMBDAS = tuple(2.0 ** np.arange(-10, 20))  # big_vision's few-shot grid
 DEFAULT_CS = tuple(np.logspace(-6, 6, 13))
 DINOV2_KS = (10, 20, 100, 200)  # DINOv2's kNN evaluation, at temperature 0.07
@@ -51,8 +53,14 @@ class ProbeResult:
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def _check_xy(x: Any, y: Any, num_classes: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray(x)
+def _is_lazy(x: Any) -> bool:
+    """An array read by rows on demand (a memory map or a cache entry's chunked array), kept as it is."""
+    return hasattr(x, "shape") and hasattr(x, "ndim") and hasattr(x, "__getitem__") and not isinstance(x, jax.Array)
+
+
+def _check_xy(x: Any, y: Any, num_classes: int, what: str, lazy: bool = False) -> tuple[Any, np.ndarray]:
+    """Checked features and labels; `lazy` keeps a lazy feature array unread (mesh paths read it by chunks)."""
+    x = x if lazy and _is_lazy(x) else np.asarray(x)
     y = np.asarray(y)
     if x.ndim != 2:
         raise ValueError(f"{what}: features must be [n, d], got shape {x.shape}")
@@ -67,10 +75,10 @@ def _check_xy(x: Any, y: Any, num_classes: int, what: str) -> tuple[np.ndarray, 
     return x, y
 
 
-def _check_splits(num_classes: int, **splits: tuple[Any, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _check_splits(num_classes: int, lazy: bool = False, **splits: tuple[Any, Any]) -> dict[str, tuple[Any, np.ndarray]]:
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    out = {name: _check_xy(x, y, num_classes, name) for name, (x, y) in splits.items()}
+    out = {name: _check_xy(x, y, num_classes, name, lazy) for name, (x, y) in splits.items()}
     dims = {name: x.shape[1] for name, (x, _) in out.items()}
     if len(set(dims.values())) > 1:
         raise ValueError(f"feature dimensions differ between splits: {dims}")
@@ -95,17 +103,23 @@ def _row_axes(mesh: Mesh) -> tuple[str, ...]:
     return tuple(mesh.axis_names)  # rows split over every device of the mesh
 
 
-def _shard_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
-    """Rows zero-padded to a multiple of the mesh size, laid out over every mesh axis.
+def _shard_rows(x: Any, mesh: Mesh, transform: Any = None) -> jax.Array:
+    """Rows zero-padded to a multiple of the mesh size, laid out over every mesh axis, each process reading
+    only its own devices' rows chunk by chunk (`parallel.rows_on_mesh`): multi-host safe as long as every
+    process can index `x` (a numpy array, a memory map, a cache entry's chunked array)."""
+    return mesh_lib.rows_on_mesh(x, mesh, transform=transform)
 
-    `make_array_from_callback` only asks each process for its own devices' slices, so it is multi-host safe
-    as long as every process can index `x` (a numpy array or a memory map).
-    """
-    pad = -x.shape[0] % mesh.devices.size
-    if pad:
-        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-    sharding = NamedSharding(mesh, P(_row_axes(mesh)))
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+def _chunks(x: Any, chunk: int = mesh_lib.ROW_CHUNK):
+    """Rows of a (lazy) array as in-memory chunks, in order."""
+    for start in range(0, len(x), chunk):
+        yield np.asarray(x[start : start + chunk])
+
+
+def _predict(predict: Any, x: Any) -> np.ndarray:
+    """`predict` over a (lazy) array chunk by chunk; predictions are concatenated along their last axis."""
+    parts = [predict(rows) for rows in _chunks(x)]
+    return np.concatenate(parts, axis=-1) if parts else predict(np.zeros((0, *x.shape[1:]), np.float32))
 
 
 # ---------------------------------------------------------------------------------------------- ridge
@@ -153,7 +167,8 @@ def ridge_fit(
     With `mesh`, the Gram matrix is summed over row shards on the devices (`ridge_fit_chunks`).
     """
     if mesh is not None:
-        return ridge_fit_chunks([(x, y)], num_classes, lambdas, mesh=mesh)
+        x, y = _check_xy(x, y, num_classes, "train", lazy=True)
+        return ridge_fit_chunks(zip(_chunks(x), _chunks(y)), num_classes, lambdas, mesh=mesh)
     x, y = _check_xy(x, y, num_classes, "train")
     lambdas = _check_lambdas(lambdas)
     x = x.astype(np.float64)
@@ -227,10 +242,12 @@ def ridge_probe(
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
     mesh: Mesh | None = None,
 ) -> ProbeResult:
-    """Sweep every lambda in one fit; choose on val accuracy (ties: the strongest regularisation)."""
-    s = _check_splits(num_classes, train=(train_x, train_y), val=(val_x, val_y), test=(test_x, test_y))
+    """Sweep every lambda in one fit; choose on val accuracy (ties: the strongest regularisation). With `mesh`
+    the splits may be lazy arrays: they are read chunk by chunk."""
+    splits = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_x, test_y)}
+    s = _check_splits(num_classes, mesh is not None, **splits)
     fit = ridge_fit(*s["train"], num_classes, lambdas, mesh=mesh)
-    preds = {name: fit.predict(x) for name, (x, _) in s.items()}  # each [L, n]
+    preds = {name: _predict(fit.predict, x) for name, (x, _) in s.items()}  # each [L, n]
     rows = [
         {
             "lambda": float(lam),
@@ -334,20 +351,31 @@ class _SolverInputs(NamedTuple):
     replicate: NamedSharding | None  # where parameters and solver state live on a mesh
 
 
+def _column_stats(x: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and std in the features' dtype: numpy's on an in-memory array, two float64 passes of
+    chunks on a lazy one (equal up to rounding)."""
+    if type(x) is np.ndarray:
+        return x.mean(0), x.std(0)
+    mean = sum(rows.sum(0, dtype=np.float64) for rows in _chunks(x)) / len(x)
+    std = np.sqrt(sum(((rows - mean) ** 2).sum(0) for rows in _chunks(x)) / len(x))
+    return mean.astype(x.dtype), std.astype(x.dtype)
+
+
 def _solver_inputs(
-    x: np.ndarray, y: np.ndarray, num_classes: int, standardize: bool, mesh: Mesh | None = None
+    x: Any, y: np.ndarray, num_classes: int, standardize: bool, mesh: Mesh | None = None
 ) -> _SolverInputs:
-    """float32 device features (standardised with train stats if asked), one-hot targets, and the stats."""
+    """float32 device features (standardised with train stats if asked), one-hot targets, and the stats; on
+    a mesh `x` may be lazy, read chunk by chunk."""
     mean, std = np.zeros(x.shape[1]), np.ones(x.shape[1])
     if standardize:
-        mean, std = x.mean(0), x.std(0)
+        mean, std = _column_stats(x)
         std = np.where(std > 0, std, 1.0)
     if mesh is None:
         xs = jnp.asarray((x - mean) / std, jnp.float32)  # [n, d]
         return _SolverInputs(xs, jax.nn.one_hot(y, num_classes, dtype=xs.dtype), None, mean, std, None)
-    xs = _shard_rows(((x - mean) / std).astype(np.float32), mesh)
-    onehot = _shard_rows(np.eye(num_classes, dtype=np.float32)[y], mesh)
-    weight = _shard_rows(np.ones(x.shape[0], np.float32), mesh)
+    xs = _shard_rows(x, mesh, lambda rows: ((rows - mean) / std).astype(np.float32))
+    onehot = _shard_rows(y, mesh, lambda labels: np.eye(num_classes, dtype=np.float32)[labels])
+    weight = _shard_rows(y, mesh, lambda labels: np.ones(len(labels), np.float32))
     return _SolverInputs(xs, onehot, weight, mean, std, NamedSharding(mesh, P()))
 
 
@@ -394,7 +422,7 @@ def logistic_fit(
     uses train mean/std; the penalty then acts on the standardised weights, but the returned weights are
     folded back to apply to raw features. With `mesh`, rows are sharded over its devices (see `_lbfgs_solve`).
     """
-    x, y = _check_xy(x, y, num_classes, "train")
+    x, y = _check_xy(x, y, num_classes, "train", lazy=mesh is not None)
     if not C > 0:
         raise ValueError(f"C must be positive, got {C}")
     inputs = _solver_inputs(x, y, num_classes, standardize, mesh)
@@ -443,7 +471,8 @@ def logistic_probe(
     Cs are solved in increasing order, each warm-started from the previous solution (the regularisation
     path), with one compiled solver for the whole sweep. Ties go to the smallest C.
     """
-    s = _check_splits(num_classes, train=(train_x, train_y), val=(val_x, val_y), test=(test_x, test_y))
+    splits = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_x, test_y)}
+    s = _check_splits(num_classes, mesh is not None, **splits)
     cs = np.sort(np.asarray(Cs, np.float64).reshape(-1))
     if cs.size == 0 or np.any(cs <= 0):
         raise ValueError(f"Cs must be a non-empty list of positive numbers, got {Cs}")
@@ -455,7 +484,7 @@ def logistic_probe(
         rows.append(
             {
                 "C": float(c),
-                **{f"{name}_accuracy": _accuracy(fit.predict(sx), sy) for name, (sx, sy) in s.items()},
+                **{f"{name}_accuracy": _accuracy(_predict(fit.predict, sx), sy) for name, (sx, sy) in s.items()},
                 "objective": fit.objective,
                 "iterations": fit.iterations,
             }
@@ -547,7 +576,7 @@ def _knn_predict_many(
         def search(q: jax.Array) -> jax.Array:
             return _knn_chunk(tx, onehot, q, num_classes, ks, inv_t)
     else:  # the bank stays where it lies: [n / devices, d] per device
-        bank = _normalize(_shard_rows(np.asarray(train_x, np.float32), mesh))
+        bank = _normalize(_shard_rows(train_x, mesh, lambda rows: rows.astype(np.float32)))
         labels = _shard_rows(np.asarray(train_y, np.int32), mesh)
         n_bank = jnp.asarray(train_x.shape[0], jnp.int32)
 
@@ -556,10 +585,13 @@ def _knn_predict_many(
 
     m = query_x.shape[0]
     chunk = max(1, min(chunk, m))
-    padded = np.zeros((-(-m // chunk) * chunk, query_x.shape[1]), np.float32)  # one shape: one compile
-    padded[:m] = query_x
-    preds = [np.asarray(search(jnp.asarray(padded[i : i + chunk]))) for i in range(0, padded.shape[0], chunk)]
-    return np.concatenate(preds, axis=1)[:, :m]  # [len(ks), m]
+    preds = []
+    for i in range(0, m, chunk):  # queries read chunk by chunk, each padded to one shape: one compile
+        q = np.zeros((chunk, query_x.shape[1]), np.float32)
+        rows = np.asarray(query_x[i : i + chunk])
+        q[: len(rows)] = rows
+        preds.append(np.asarray(search(jnp.asarray(q)))[:, : len(rows)])
+    return np.concatenate(preds, axis=1) if preds else np.zeros((len(ks), 0), np.int64)  # [len(ks), m]
 
 
 def knn_predict(
@@ -598,8 +630,9 @@ def knn_probe(
     mesh: Mesh | None = None,
 ) -> ProbeResult:
     """kNN accuracy for every k (DINO reports each; `DINOV2_KS` is DINOv2's set); `best` is chosen on val,
-    ties to the first k listed. `mesh` shards the bank (see `knn_predict`)."""
-    s = _check_splits(num_classes, train=(train_x, train_y), val=(val_x, val_y), test=(test_x, test_y))
+    ties to the first k listed. `mesh` shards the bank (see `knn_predict`); the splits may then be lazy."""
+    splits = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_x, test_y)}
+    s = _check_splits(num_classes, mesh is not None, **splits)
     ks = tuple(int(k) for k in ks)
     if not ks:
         raise ValueError("ks must be non-empty")
@@ -654,8 +687,8 @@ def few_shot_eval(
     There is no validation split in the few-shot protocol, so the regulariser is fixed: `reg` is the ridge
     lambda or the logistic C. Every class in `train_y` must have at least max(ks) examples.
     """
-    s = _check_splits(num_classes, train=(train_x, train_y), test=(test_x, test_y))
-    (x, y), (tx, ty) = s["train"], s["test"]
+    s = _check_splits(num_classes, True, train=(train_x, train_y), test=(test_x, test_y))
+    (x, y), (tx, ty) = s["train"], s["test"]  # x and tx may be lazy: only the drawn rows, chunks of test
     if probe not in ("ridge", "logistic"):
         raise ValueError(f"probe must be 'ridge' or 'logistic', got {probe!r}")
     rows = []
@@ -664,9 +697,9 @@ def few_shot_eval(
         for seed in seeds:
             idx = few_shot_indices(y, k, seed)
             if probe == "ridge":
-                pred = ridge_fit(x[idx], y[idx], num_classes, [reg]).predict(tx)[0]
+                pred = _predict(ridge_fit(x[idx], y[idx], num_classes, [reg]).predict, tx)[0]
             else:
-                pred = logistic_fit(x[idx], y[idx], num_classes, C=reg).predict(tx)
+                pred = _predict(logistic_fit(x[idx], y[idx], num_classes, C=reg).predict, tx)
             accs.append(_accuracy(pred, ty))
         rows.append(
             {

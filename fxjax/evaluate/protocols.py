@@ -10,18 +10,21 @@ from fxjax.evaluate import probes
 SPLITS = ("train", "val", "test")
 
 
-def on_features(config, variants: dict, labels: dict, num_classes: int, zero_shot=None) -> tuple[dict, dict]:
+def on_features(
+    config, variants: dict, labels: dict, num_classes: int, zero_shot=None, *, mesh=None
+) -> tuple[dict, dict]:
     """Runs the probes and the few-shot protocol the config asks for on the pooled features of
     {split: {variant: features}} ("zeroshot": `zero_shot`, an `evaluate.zeroshot.ZeroShotClassifier`, on the
     "embedding" variant). → (summary entries, {file name: JSON object or markdown text}); the caller (who owns
-    the run directory) writes the files."""
+    the run directory) writes the files. With `mesh` the features may be lazy (a cache entry's chunked arrays):
+    the probes read them chunk by chunk onto the mesh, few-shot only its drawn rows."""
     out, files = {}, {}
     feats = {split: v["pooled"] for split, v in variants.items()}
     if config.probes:
         results = [
             zero_shot.probe(*((np.asarray(variants[s]["embedding"]), labels[s]) for s in ("val", "test")))
             if name == "zeroshot"
-            else _probe(name, feats, labels, num_classes)
+            else _probe(name, feats, labels, num_classes, mesh)
             for name in config.probes
         ]
         files["probes.json"] = {"probes": [r.to_dict() for r in results]}
@@ -47,13 +50,14 @@ def on_features(config, variants: dict, labels: dict, num_classes: int, zero_sho
     return out, files
 
 
-def _probe(name: str, feats: dict, labels: dict, num_classes: int) -> probes.ProbeResult:
-    args = [a for s in SPLITS for a in (np.asarray(feats[s]), labels[s])]
+def _probe(name: str, feats: dict, labels: dict, num_classes: int, mesh=None) -> probes.ProbeResult:
+    """One probe; with `mesh`, sharded over it with the rows read chunk by chunk (never a whole split)."""
+    args = [a for s in SPLITS for a in (feats[s] if mesh is not None else np.asarray(feats[s]), labels[s])]
     if name == "ridge":
-        return probes.ridge_probe(*args, num_classes)
+        return probes.ridge_probe(*args, num_classes, mesh=mesh)
     if name == "logistic":
-        return probes.logistic_probe(*args, num_classes, standardize=True)
-    return probes.knn_probe(*args, num_classes)
+        return probes.logistic_probe(*args, num_classes, standardize=True, mesh=mesh)
+    return probes.knn_probe(*args, num_classes, mesh=mesh)
 
 
 def _probes_markdown(results) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 
 from fxjax import parallel
 from fxjax.backbones.backbone import Backbone
-from fxjax.data.images import shard_bounds
+from fxjax.data.images import PaddedShard, read_options, shard_bounds
 from fxjax.data.preprocess import PreprocessSpec, augment_image
 from fxjax.data.sources import Source
 from fxjax.features import extract as extraction, store as cache
@@ -29,30 +29,15 @@ def view_rng(seed: int, view: int, index: int, num_images: int) -> np.random.Gen
     return np.random.Generator(np.random.Philox(key=seed + view * num_images + index))
 
 
-class _ViewShard:
-    """One host's images [start, stop) × `views` views, image-major (row j: image start + j // views, view
-    j % views), augmented, padded with masked blanks to `length` rows."""
+class _AugmentView:
+    """View `view` of image `index`: the online augmentation under the rng grain would give it (picklable,
+    for grain's worker processes)."""
 
-    def __init__(self, source: Source, spec: PreprocessSpec, views: int, seed: int, start: int, stop: int, length: int):
-        self.source, self.spec, self.views, self.seed = source, spec, views, seed
-        self.start, self.stop, self.length = start, stop, length
+    def __init__(self, spec: PreprocessSpec, seed: int, num_images: int):
+        self.spec, self.seed, self.num_images = spec, seed, num_images
 
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, row: int) -> dict[str, np.ndarray]:
-        image, view = divmod(int(row), self.views)
-        if image < self.stop - self.start:
-            index = self.start + image
-            record = self.source[index]
-            rng = view_rng(self.seed, view, index, len(self.source))
-            pixels = augment_image(record["image"], self.spec, rng)
-            return {"x": pixels, "label": np.int32(record["label"]), "mask": np.True_}
-        height, width = self.spec.size
-        return {"x": np.zeros((height, width, 3), np.float32), "label": np.int32(0), "mask": np.False_}
-
-    def __repr__(self) -> str:
-        return f"_ViewShard({self.source!r}, {self.start}:{self.stop}, views={self.views}, seed={self.seed})"
+    def __call__(self, image: np.ndarray, index: int, view: int) -> np.ndarray:
+        return augment_image(image, self.spec, view_rng(self.seed, view, index, self.num_images))
 
 
 def view_batches(
@@ -75,12 +60,16 @@ def view_batches(
         return iter(())
     start, stop = shard_bounds(len(source), shard_index, shard_count)
     offset = start_batch * per_host  # rows already extracted; a whole number of images (chunk boundary)
-    rows = _ViewShard(source, spec, views, seed, start + offset // views, stop, num_batches * per_host)
+    rows = PaddedShard(
+        source, spec, start + offset // views, stop, num_batches * per_host, views=views,
+        transform=_AugmentView(spec, seed, len(source)),
+    )  # fmt: skip
     loader = grain.DataLoader(
         data_source=rows,
         sampler=grain.samplers.SequentialSampler(len(rows), grain.sharding.NoSharding()),
         operations=[grain.transforms.Batch(per_host, drop_remainder=False)],
         worker_count=worker_count,
+        read_options=read_options(per_host),
         shard_options=grain.sharding.NoSharding(),
     )
     return iter(loader)
@@ -146,26 +135,3 @@ def cached_views(
         rows=rows,
     )
     return {name: arrays[name] for name in variants}, np.asarray(arrays["labels"]), hit
-
-
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a well-spread uint64 hash of each element."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
-
-
-def epoch_views(epoch: int, examples, views: int, seed: int) -> np.ndarray:
-    """The cached view each example trains on in `epoch` (int64, shaped like `examples`): a seeded per-example
-    offset plus the epoch, so every image cycles through all its views once per `views` epochs, out of step
-    with the others."""
-    examples = np.asarray(examples, np.uint64)
-    with np.errstate(over="ignore"):
-        offset = _mix(examples + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)) % np.uint64(views)
-    return ((offset.astype(np.int64) + epoch) % views).astype(np.int64)
-
-
-def view_for(epoch: int, example: int, views: int, seed: int) -> int:
-    """`epoch_views` for one example."""
-    return int(epoch_views(epoch, [example], views, seed)[0])

@@ -10,6 +10,7 @@ from fxjax.parallel.mesh import (
     host_major,
     make_mesh,
     replicated,
+    rows_on_mesh,
     to_global,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "host_major",
     "make_mesh",
     "replicated",
+    "rows_on_mesh",
     "to_global",
 ]

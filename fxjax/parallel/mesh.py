@@ -72,3 +72,34 @@ def host_major(parts: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> np.n
         for h, (v, m) in enumerate(zip(np.split(values, hosts), np.split(np.asarray(mask, bool), hosts))):
             rows[h].append(v[m])
     return np.concatenate([np.concatenate(r) for r in rows])
+
+
+ROW_CHUNK = 4096  # rows read at a time when a lazy array goes onto a mesh
+
+
+def rows_on_mesh(
+    x, mesh: Mesh, *, transform: Callable[[np.ndarray], np.ndarray] | None = None, chunk_rows: int = ROW_CHUNK
+) -> jax.Array:
+    """Rows of a lazy [n, ...] array (numpy, a memory map, a cache entry's chunked array: anything sliced by
+    rows) as a global jax.Array laid out over every axis of `mesh`, zero-padded to a multiple of its devices.
+
+    Each process reads only its own devices' rows, `chunk_rows` at a time, so its host memory holds one chunk
+    plus its own shard, never the split. `transform` maps each chunk of rows (cast, standardise, one-hot)
+    before it is placed; padding rows stay zero after it.
+    """
+    n = len(x)
+    sample = np.asarray(x[:1]) if n else np.zeros((1, *x.shape[1:]), getattr(x, "dtype", np.float32))
+    sample = sample if transform is None else transform(sample)
+    shape = (-(-n // mesh.devices.size) * mesh.devices.size, *sample.shape[1:])
+    sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        start, stop, _ = index[0].indices(shape[0])
+        out = np.zeros((stop - start, *shape[1:]), sample.dtype)
+        for a in range(start, min(stop, n), chunk_rows):
+            b = min(a + chunk_rows, stop, n)
+            rows = np.asarray(x[a:b])
+            out[a - start : b - start] = rows if transform is None else transform(rows)
+        return out[(slice(None), *index[1:])]
+
+    return jax.make_array_from_callback(shape, sharding, read)

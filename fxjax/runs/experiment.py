@@ -146,9 +146,9 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
     config, data = setup.config, setup.data
     variants = setup.variants
     start = time.perf_counter()
-    feats, labels, hits = setup.cached_features()
+    feats, labels, hits = setup.cached_features(rows="host")  # heads train and evaluate on the host's rows
     extras = {"feature_cache_hits": hits, "extract_seconds": time.perf_counter() - start}
-    extras |= _feature_evaluations(setup, run, feats, labels)
+    extras |= _feature_evaluations(setup, run)
     grid = [
         (lr, wd)
         for lr in (config.sweep.learning_rates or (config.optimizer.learning_rate,))
@@ -161,16 +161,19 @@ def _cached_inputs(setup: Setup, run: RunDir) -> Inputs:
     }
     if config.head.init == "text":  # the run's heads start as the zero-shot classifier
         _assign_linear(models["embedding"].head.out, setup.zero_shot.head())
-    shard, eval_batch = setup.shard, config.eval_batch_size
+    shard, eval_batch, total = setup.shard, config.eval_batch_size, {s: len(data.splits[s]) for s in data.splits}
+    train_feats, train_labels = {v: feats["train"][v] for v in variants}, labels["train"]
+    if config.data.views:  # K cached augmented views per image; each epoch draws one
+        train_feats, train_labels = setup.cached_views()
     train = FeatureBatches(
-        {v: feats["train"][v] for v in variants}, labels["train"], batch_size=config.batch_size, seed=config.seed,
-        **shard,
+        train_feats, train_labels, batch_size=config.batch_size, seed=config.seed, total=total["train"],
+        views=config.data.views, **shard,
     )  # fmt: skip
     return Inputs(
         models,
         {v: hyper for v in variants},
         train,
-        lambda split: feature_eval_batches(feats[split], labels[split], eval_batch, **shard),
+        lambda split: feature_eval_batches(feats[split], labels[split], eval_batch, total=total[split], **shard),
         freeze.trainable(()),  # a head alone: all of it trains; XLA's default options suit its skinny matmuls
         extras=extras,
     )
@@ -181,11 +184,14 @@ def _assign_linear(layer, weights: dict) -> None:
     layer.bias.set_value(jnp.asarray(weights["bias"], layer.bias.get_value().dtype))
 
 
-def _feature_evaluations(setup: Setup, run: RunDir, feats: dict, labels: dict) -> dict:
+def _feature_evaluations(setup: Setup, run: RunDir) -> dict:
     """What the run computes on its cached features besides the heads — probes, few-shot, zero-shot and the
     named config.protocols: their tables go into the run directory, their summary entries are returned."""
     config, classes = setup.config, setup.data.num_classes
-    entries, files = protocols.on_features(config, feats, labels, classes, setup.zero_shot)
+    if not (config.probes or config.fewshot.ks or config.protocols):
+        return {}
+    feats, labels, _ = setup.cached_features()  # every row, lazily: the probes gather them in chunks onto the mesh
+    entries, files = protocols.on_features(config, feats, labels, classes, setup.zero_shot, mesh=setup.mesh)
     named, named_files = catalog.on_features(config, feats, labels, classes, mesh=setup.mesh)
     if jax.process_index() == 0:
         for name, content in (files | named_files).items():

@@ -112,15 +112,10 @@ class Setup:
         zero_shot = ("embedding",) if "zeroshot" in self.config.probes else ()
         return tuple(dict.fromkeys((*self.variants, *zero_shot, *catalog.needed_variants(self.config.protocols))))
 
-    def cached_features(self):
-        """Every split's features from the cache, extracted into it first where missing: → (features {split:
-        {variant: [n, d]}}, labels {split: [n]}, hits {split: bool})."""
-        from fxjax.features import extract
-
-        c, data = self.config, self.data  # the data first: a bad source is refused before the backbone loads
-        return extract.cached_features(
-            self.backbone,
-            data,
+    def _extraction(self, rows: str) -> dict:
+        """How every cached split is extracted and read (the same for features and views)."""
+        c = self.config
+        return dict(
             mesh=self.mesh,
             batch_size=c.eval_batch_size,
             cache_dir=c.cache_dir,
@@ -128,8 +123,29 @@ class Setup:
             param_dtype=c.param_dtype,
             worker_count=c.data.worker_count,
             param_sharding=self.param_sharding,
-            variants=self.extract_variants,
+            rows=rows,
         )
+
+    def cached_features(self, rows: str = "all"):
+        """Every split's features from the cache, extracted into it first where missing: → (features {split:
+        {variant: [n, d]}}, labels {split: [n]}, hits {split: bool}), lazily. rows="host": this host's
+        contiguous rows only (`shard_bounds`: what head training and evaluation read)."""
+        from fxjax.features import extract
+
+        data = self.data  # the data first: a bad source is refused before the backbone loads
+        return extract.cached_features(self.backbone, data, variants=self.extract_variants, **self._extraction(rows))
+
+    def cached_views(self, rows: str = "host"):
+        """config.data.views augmented views (seeded by config.seed) of every training image from the cache,
+        extracted into it first where missing: → ({variant: [n, views, d]}, labels [n]), lazily; this host's
+        rows by default."""
+        from fxjax.features import views
+
+        c, data = self.config, self.data
+        feats, labels, _ = views.cached_views(
+            self.backbone, data, views=c.data.views, seed=c.seed, variants=self.variants, **self._extraction(rows)
+        )
+        return feats, labels
 
     def check(self, run: RunDir) -> None:
         """Refuses a run that cannot start or may not continue in `run`, reading only: the splits, the batch size,

@@ -32,7 +32,9 @@ from flax import nnx  # noqa: E402
 from fxjax import parallel  # noqa: E402
 from fxjax.backbones.backbone import Backbone  # noqa: E402
 from fxjax.backbones.transformer import TransformerSpec, VisionTransformer  # noqa: E402
+from fxjax.data.features import FeatureBatches  # noqa: E402
 from fxjax.data.preprocess import PreprocessSpec  # noqa: E402
+from fxjax.data.shards import shard_bounds  # noqa: E402
 from fxjax.data.sources import Dataset, Subset, load_dataset  # noqa: E402
 from fxjax.features import entry as entry_lib, extract  # noqa: E402
 
@@ -64,7 +66,7 @@ feats, labels, hits = extract.cached_features(
     backbone, data, mesh=mesh, batch_size=8, cache_dir=args.cache, dtype="float32", param_dtype="float32",
     chunk_rows=args.chunk_rows,
 )  # fmt: skip
-mine, _, _ = extract.cached_features(
+mine, mine_labels, _ = extract.cached_features(
     backbone, data, mesh=mesh, batch_size=8, cache_dir=args.cache, dtype="float32", param_dtype="float32",
     chunk_rows=args.chunk_rows, rows="host",
 )  # fmt: skip
@@ -73,6 +75,32 @@ for split in data.splits:
     np.save(f"{args.out}/{split}.npy", np.asarray(feats[split]["pooled"]))
     np.save(f"{args.out}/{split}-labels.npy", labels[split])
     np.save(f"{args.out}/{split}-host.npy", np.asarray(mine[split]["pooled"]))
+
+
+class _Recorded:
+    """A feature array that records which of its (host-local) rows training batches read."""
+
+    def __init__(self, array):
+        self.array, self.read = array, []
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, index):
+        self.read.append(np.asarray(index))
+        return self.array[index]
+
+
+host, hosts = jax.process_index(), jax.process_count()
+recorded = _Recorded(mine["train"]["pooled"])
+train = FeatureBatches(
+    recorded, mine_labels["train"], batch_size=8, seed=0, shard_index=host, shard_count=hosts,
+    total=len(data.splits["train"]),
+)  # fmt: skip
+batches = [next(train) for _ in range(30)]  # more than one epoch (25 steps)
+np.save(f"{args.out}/train-batch-x.npy", np.stack([b["x"] for b in batches]))
+np.save(f"{args.out}/train-batch-local-rows.npy", np.stack(recorded.read))
+np.save(f"{args.out}/train-host-start.npy", shard_bounds(len(data.splits["train"]), host, hosts)[0])
 with open(f"{args.out}/hits.json", "w") as f:
     json.dump(hits, f)
 sys.exit(0)

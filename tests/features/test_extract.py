@@ -4,9 +4,11 @@ arrays; and, in process, the chunked entry's reader, its remote (gs://) path and
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +35,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(caches: list[Path], out: Path, *extra: str, devices: int = 2) -> list[subprocess.CompletedProcess]:
-    """One process per cache path (a cluster when more than one) → their results, all waited for."""
+def _spawn(caches: list[Path], out: Path, *extra: str, devices: int = 2) -> list[subprocess.Popen]:
+    """One process per cache path (a cluster when more than one)."""
     coordinator = f"127.0.0.1:{_free_port()}"
     procs = []
     for i, cache in enumerate(caches):
@@ -42,6 +44,12 @@ def _run(caches: list[Path], out: Path, *extra: str, devices: int = 2) -> list[s
         command = [sys.executable, str(WORKER), "--cache", str(cache), "--out", str(out / str(i)), *extra]
         command += cluster if len(caches) > 1 else []
         procs.append(subprocess.Popen(command, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def _run(caches: list[Path], out: Path, *extra: str, devices: int = 2) -> list[subprocess.CompletedProcess]:
+    """`_spawn`'s processes → their results, all waited for."""
+    procs = _spawn(caches, out, *extra, devices=devices)
     results = []
     try:
         for proc in procs:
@@ -72,7 +80,7 @@ def reference(tmp_path_factory) -> dict:
     _ok(_run([root / "cache"], root / "out", devices=4))
     result = _read(root / "out" / "0")
     assert result["train"].shape == (203, 32) and result["hits"] == {"train": False, "test": False}
-    return result
+    return {**result, "dir": root / "out" / "0"}
 
 
 @pytest.mark.parametrize("layout", ["shared", "per_host"])
@@ -88,6 +96,14 @@ def test_two_processes_equal_one(tmp_path, reference, layout):
         halves.append(got["train-host"])
     np.testing.assert_array_equal(np.concatenate(halves), _read(tmp_path / "out" / "0")["train"])  # own shard
     assert len(halves[0]) == 101
+    # head training: each host reads only rows of its own shard, and the global batches equal 1 process's
+    local = [np.load(tmp_path / "out" / str(i) / "train-batch-local-rows.npy") for i in range(2)]
+    assert all(((rows >= 0) & (rows < len(half))).all() for rows, half in zip(local, halves, strict=True))
+    rows = [rows + np.load(tmp_path / "out" / str(i) / "train-host-start.npy") for i, rows in enumerate(local)]
+    reference_rows = np.load(reference["dir"] / "train-batch-local-rows.npy")  # one host: local rows are global
+    np.testing.assert_array_equal(np.concatenate(rows, axis=1), reference_rows)
+    batch_x = np.concatenate([np.load(tmp_path / "out" / str(i) / "train-batch-x.npy") for i in range(2)], axis=1)
+    np.testing.assert_allclose(batch_x, np.load(reference["dir"] / "train-batch-x.npy"), rtol=1e-5, atol=1e-6)
     if layout == "per_host":  # each local disk holds its host's shard only, and a rerun on it hits
         assert [p.name for p in next((tmp_path / "cache1").iterdir()).iterdir() if p.is_dir()] == ["1of2"]
         _ok(_run(caches, tmp_path / "again"))
@@ -122,6 +138,45 @@ def test_killed_extraction_resumes_bitwise(tmp_path, reference, kill_at, phase):
             assert (entry / "0of1" / name).stat().st_ino == inodes[name], name
 
 
+# Two hosts, each SIGKILLed at its n-th cache write of train (per host: 5 chunks x 2 arrays, then done.json).
+_TWO_HOST_POINT = int(np.random.default_rng(23).integers(2, 11))
+
+
+def test_two_processes_killed_mid_extraction_resume_bitwise(tmp_path):
+    caches = [tmp_path / "cache"] * 2  # one shared store
+    procs = _spawn(caches, tmp_path / "killed", "--kill-at", str(_TWO_HOST_POINT))
+    try:
+        first = _wait_any(procs)[0]  # one host died at its kill point: the other is killed at once
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+        errors = [proc.communicate(timeout=TIMEOUT_S)[1].decode() for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert first.returncode == -9, errors[procs.index(first)][-3000:]
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert not (entry / "manifest.json").exists() and (entry / "0of2").is_dir()  # killed mid-extraction
+    _ok(_run(caches, tmp_path / "rerun"))
+    _ok(_run([tmp_path / "fresh"] * 2, tmp_path / "uninterrupted"))
+    for i in range(2):
+        got, want = _read(tmp_path / "rerun" / str(i)), _read(tmp_path / "uninterrupted" / str(i))
+        for key in (*SPLITS, *(f"{s}-labels" for s in SPLITS), *(f"{s}-host" for s in SPLITS)):
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"host {i} {key}")
+
+
+def _wait_any(procs: list[subprocess.Popen]):
+    """The processes that have exited, once at least one has (polling: they run as one cluster)."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        done = [p for p in procs if p.poll() is not None]
+        if done:
+            return done
+        time.sleep(0.2)
+    raise TimeoutError(f"no worker exited within {TIMEOUT_S} s")
+
+
 # ------------------------------------------------------------------------------------------------ in process
 
 
@@ -145,8 +200,9 @@ def test_views_equal_the_online_augmentation_and_epochs_cycle_through_them(tmp_p
     import grain
 
     from fxjax import parallel
+    from fxjax.data.features import epoch_views, view_for
     from fxjax.data.images import _Augment
-    from fxjax.features.views import cached_views, epoch_views, view_for
+    from fxjax.features.views import cached_views
 
     data, backbone, views, seed = _tiny_data(13), _pixels(), 3, 5
     kw = dict(mesh=parallel.make_mesh(), batch_size=8, cache_dir=str(tmp_path), dtype="float32", param_dtype="float32")
@@ -186,6 +242,23 @@ def test_cached_features_on_a_gs_store_round_trip(gcs, tmp_path):
     np.testing.assert_array_equal(np.asarray(again["train"]["pooled"]), expected)
     np.testing.assert_array_equal(feats["train"]["pooled"][[3, 39, 17]], expected[[3, 39, 17]])
     assert not list(tmp_path.iterdir())  # nothing went to the local disk
+
+
+def test_extract_command_prints_the_gs_entry_uri(gcs, capsys):
+    from etils import epath
+
+    from fxjax.cli import extract as extract_cli
+
+    argv = ["--config", "configs/quickstart.py", "--config.image_size=32", f"--config.cache_dir={gcs}"]
+    argv += ["--config.data.few_shot_k=4", "--config.data.val_fraction=0.05", "--config.data.test_fraction=0.05"]
+    assert extract_cli.main(argv) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("train:", "val:", "test:"))]
+    assert len(lines) == 3, lines
+    for line in lines:
+        uri = line.rsplit(" ", 1)[1]
+        assert uri.startswith(f"{gcs}/") and len(uri) == len(gcs) + 65, line  # the root, then a sha256 key
+        assert (epath.Path(uri) / "manifest.json").exists(), uri  # the entry the line names is there
+    assert lines[0].startswith("train: pooled 40 x ")  # 4 per class over 10 classes; every row counted
 
 
 def test_progress_without_a_terminal_prints_one_line_every_interval(capsys):

@@ -188,6 +188,8 @@ def test_cli_rejects_a_misspelled_key_naming_it(tmp_path, capsys):
         (["--config.backbone=resnet-9000"], "unknown backbone 'resnet-9000'"),
         (["--config.batch_size=12"], "config.batch_size=12 must be divisible by the number of devices (8)"),
         (["--config.freeze=lots"], "config.freeze='lots'"),
+        (["--config.data.views=-1"], "config.data.views=-1: must be >= 0"),
+        (["--config.data.views=2", "--config.freeze=none"], "config.data.views caches augmented views"),
     ],
 )
 def test_cli_bad_values_give_one_line_errors(tmp_path, capsys, args, message):
@@ -255,3 +257,34 @@ def test_feature_variants_are_swept_next_to_pooled_on_a_vit(tmp_path):
     # The sweep's best head, whatever its variant, is the run's head: no retraining on "pooled".
     assert summary["head"]["variant"] == best["variant"] in {row["variant"] for row in table}
     assert summary["test_accuracy"] == best["test_accuracy"]
+
+
+def test_augmented_views_train_and_resume_exactly(tmp_path, monkeypatch):
+    """config.data.views=2: the head trains on cached augmented views (one per image per epoch), differs from
+    the plain run's, and a run killed in its second epoch then resumed equals an uninterrupted one."""
+    from fxjax.heads import engine as train
+
+    small = {"data.few_shot_k": 20, "batch_size": 32}  # 200 training images: 6 steps per epoch
+    plain = experiment.run(small_config(**small), tmp_path / "plain")
+    viewed = experiment.run(small_config(**small, **{"data.views": 2}), tmp_path / "views")
+    assert viewed["test_accuracy"] > 0.3 and viewed["total_steps"] == plain["total_steps"] == 12
+    assert all(viewed["feature_cache_hits"].values())  # the plain run cached the splits; views are extra
+    a, b = jax_leaves(_params(tmp_path / "plain", 12)), jax_leaves(_params(tmp_path / "views", 12))
+    assert any(not np.allclose(x, y) for x, y in zip(a, b))  # other inputs: another head
+
+    original, calls = train.Engine.train_step, {"n": 0}
+
+    def crash_in_epoch_two(self, state, batch):
+        calls["n"] += 1
+        if calls["n"] > 8:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, state, batch)
+
+    monkeypatch.setattr(train.Engine, "train_step", crash_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(small_config(**small, **{"data.views": 2}), tmp_path / "resumed")
+    monkeypatch.setattr(train.Engine, "train_step", original)
+    resumed = experiment.run(small_config(**small, **{"data.views": 2}), tmp_path / "resumed")
+    for x, y in zip(b, jax_leaves(_params(tmp_path / "resumed", 12)), strict=True):
+        assert np.array_equal(x, y)
+    assert resumed["test_accuracy"] == viewed["test_accuracy"]
