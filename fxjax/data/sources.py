@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
-ACCEPTED_FORMS = "'digits', 'mnist', 'fashion_mnist', 'folder:<path>', 'tfds:<name>[:<version>]'"
+ACCEPTED_FORMS = "'digits', 'mnist', 'fashion_mnist', 'folder:<path>', 'tfds:<name>[:<version>]', 'vtab:<task>'"
 
 IDX_CLASS_NAMES = {
     "mnist": [str(i) for i in range(10)],
@@ -138,13 +138,15 @@ class FolderSource:
 class TfdsSource:
     """One split of a prepared TFDS dataset read through array_record (`tfds.data_source`), no TensorFlow.
 
-    The reader is opened lazily in each process, so pickling to grain workers sends only names.
+    The reader is opened lazily in each process, so pickling to grain workers sends only names. `split` may be
+    a TFDS slice ("train[:90%]"); `label_key` names the ClassLabel feature read as the label.
     """
 
-    def __init__(self, name: str, split: str, data_dir: str | None, length: int):
+    def __init__(self, name: str, split: str, data_dir: str | None, length: int, label_key: str = "label"):
         self.name = name  # "cifar10" or "cifar10:3.0.2"
         self.split = split
         self.data_dir = data_dir
+        self.label_key = label_key
         self._length = length
         self._reader: Any = None
         self._label_reader: Any = None
@@ -163,19 +165,20 @@ class TfdsSource:
         if self._reader is None:
             self._reader = self._open(skip_image=False)
         example = self._reader[int(index)]
-        return {"image": np.asarray(example["image"], np.uint8), "label": np.int32(example["label"])}
+        return {"image": np.asarray(example["image"], np.uint8), "label": np.int32(example[self.label_key])}
 
     def label(self, index: int) -> int:
         # Parses the record but skips the image decode: cheap enough to scan for few-shot selection.
         if self._label_reader is None:
             self._label_reader = self._open(skip_image=True)
-        return int(self._label_reader[int(index)]["label"])
+        return int(self._label_reader[int(index)][self.label_key])
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_reader": None, "_label_reader": None}
 
     def __repr__(self) -> str:
-        return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)})"
+        label = "" if self.label_key == "label" else f", label={self.label_key!r}"
+        return f"TfdsSource({self.name!r}, split={self.split!r}, n={len(self)}{label})"
 
 
 class Subset:
@@ -592,11 +595,10 @@ def _load_folder(
 # ---------------------------------------------------------------------------------------------------- TFDS
 
 
-def _load_tfds(spec: str, data_dir: str | None, val_fraction: float, test_fraction: float, seed: int) -> _Resolved:
+def open_tfds_builder(full: str, data_dir: str | None) -> Any:
+    """The builder of a prepared array_record TFDS dataset ("name[/config][:version]"); errors say how to prepare."""
     import tensorflow_datasets as tfds
 
-    name, _, version = spec.partition(":")
-    full = f"{name}:{version}" if version else name
     root = data_dir or tfds.core.constants.DATA_DIR
     prepare = (
         "prepare it once with `pip install tensorflow tensorflow-datasets && "
@@ -609,16 +611,23 @@ def _load_tfds(spec: str, data_dir: str | None, val_fraction: float, test_fracti
         raise ValueError(f"TFDS dataset {full!r} is neither registered nor prepared in {root}") from None
     if not builder.is_prepared():
         raise FileNotFoundError(f"TFDS dataset {full!r} is not prepared in {root}: {prepare}")
+    try:
+        builder.as_data_source(next(iter(builder.info.splits)))
+    except NotImplementedError:
+        raise FileNotFoundError(f"TFDS dataset {full!r} in {root} is not in array_record format: {prepare}") from None
+    return builder
+
+
+def _load_tfds(spec: str, data_dir: str | None, val_fraction: float, test_fraction: float, seed: int) -> _Resolved:
+    name, _, version = spec.partition(":")
+    full = f"{name}:{version}" if version else name
+    builder = open_tfds_builder(full, data_dir)
     info = builder.info
     if "image" not in info.features or "label" not in info.features:
         raise ValueError(f"TFDS dataset {full!r} needs 'image' and 'label' features, has {list(info.features)}")
     available = set(info.splits)
     if "train" not in available:
         raise ValueError(f"TFDS dataset {full!r} has no 'train' split (splits: {sorted(available)})")
-    try:
-        builder.as_data_source("train")
-    except NotImplementedError:
-        raise FileNotFoundError(f"TFDS dataset {full!r} in {root} is not in array_record format: {prepare}") from None
 
     pinned = f"{info.name}:{info.version}"  # resume and fingerprints refer to this exact version
 
@@ -657,6 +666,7 @@ def load_dataset(
     `test_fraction` applies only where the data has no test split of its own, `val_fraction` where it has no
     validation split. `few_shot_k` keeps k training examples per class; val and test are untouched.
     `cache_dir` (config.cache_dir) is where a folder's verified index is looked up (`folder_index_path`).
+    `vtab:<task>` takes the fractions from no one: VTAB-1k fixes its splits (fxjax.data.vtab).
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"need 0 <= val_fraction, test_fraction and a sum < 1, got {val_fraction}, {test_fraction}")
@@ -671,6 +681,10 @@ def load_dataset(
         resolved = _load_folder(source.removeprefix("folder:"), val_fraction, test_fraction, seed, cache_dir)
     elif source.startswith("tfds:") and len(source) > len("tfds:"):
         resolved = _load_tfds(source.removeprefix("tfds:"), data_dir, val_fraction, test_fraction, seed)
+    elif source.startswith("vtab:"):
+        from fxjax.data.vtab import load_vtab  # vtab builds on this module's sources
+
+        resolved = load_vtab(source.removeprefix("vtab:"), data_dir)
     else:
         raise ValueError(f"unknown data source {source!r}; accepted forms: {ACCEPTED_FORMS}")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from fxjax.data.vtab import VTAB_TASKS, VtabTask
+
 # dinov2/eval/linear.py get_args_parser defaults.
 DINOV2_LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 
@@ -77,83 +79,6 @@ class LinearEvalSpec:
 DINOV2_LINEAR = LinearEvalSpec(
     name="dinov2_linear",
     reference="dinov2/eval/linear.py (setup_linear_classifiers, scale_lr, LinearClassifier, run_eval_linear)",
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class VtabTask:
-    """One VTAB task: TFDS name, label, and the train / val / test splits task_adaptation defines for it.
-
-    VTAB-1k takes the first 800 examples of `train` (train800) and the first 200 of `val` (val200).
-    """
-
-    name: str
-    tfds: str
-    label: str
-    train: str
-    val: str
-    test: str
-    group: str
-
-
-def _task(name: str, tfds: str, train: str, val: str, test: str, group: str, label: str = "label") -> VtabTask:
-    return VtabTask(name, tfds, label, train, val, test, group)
-
-
-# google-research/task_adaptation, task_adaptation/data/<dataset>.py `tfds_splits`.
-VTAB_TASKS = (
-    _task("caltech101", "caltech101:3.*.*", "train[:90%]", "train[90%:]", "test", "natural"),
-    _task("cifar100", "cifar100:3.*.*", "train[:90%]", "train[90%:]", "test", "natural"),
-    _task("dtd", "dtd:3.*.*", "train", "validation", "test", "natural"),
-    _task("oxford_flowers102", "oxford_flowers102:2.*.*", "train", "validation", "test", "natural"),
-    _task("oxford_iiit_pet", "oxford_iiit_pet:3.*.*", "train[:80%]", "train[80%:]", "test", "natural"),
-    _task("svhn", "svhn_cropped:3.*.*", "train[:90%]", "train[90%:]", "test", "natural"),
-    _task("sun397", "sun397/tfds:4.*.*", "train", "validation", "test", "natural"),
-    _task("patch_camelyon", "patch_camelyon:2.*.*", "train", "validation", "test", "specialized"),
-    _task("eurosat", "eurosat/rgb:2.*.*", "train[:60%]", "train[60%:80%]", "train[80%:]", "specialized"),
-    _task("resisc45", "resisc45:3.*.*", "train[:60%]", "train[60%:80%]", "train[80%:]", "specialized"),
-    _task(
-        "diabetic_retinopathy",
-        "diabetic_retinopathy_detection/btgraham-300:3.*.*",
-        "train",
-        "validation",
-        "test",
-        "specialized",
-    ),
-    _task("clevr_count", "clevr:3.*.*", "train[:90%]", "train[90%:]", "validation", "structured", "count_all"),
-    _task(
-        "clevr_distance",
-        "clevr:3.*.*",
-        "train[:90%]",
-        "train[90%:]",
-        "validation",
-        "structured",
-        "closest_object_distance",
-    ),
-    _task("dmlab", "dmlab:2.0.0", "train", "validation", "test", "structured"),
-    _task("kitti_distance", "kitti:3.1.0", "train", "validation", "test", "structured", "closest_vehicle_distance"),
-    _task(
-        "dsprites_location",
-        "dsprites:2.*.*",
-        "train[:80%]",
-        "train[80%:90%]",
-        "train[90%:]",
-        "structured",
-        "label_x_position/16",
-    ),
-    _task(
-        "dsprites_orientation",
-        "dsprites:2.*.*",
-        "train[:80%]",
-        "train[80%:90%]",
-        "train[90%:]",
-        "structured",
-        "label_orientation/16",
-    ),
-    _task("smallnorb_azimuth", "smallnorb:2.*.*", "train", "test[:50%]", "test[50%:]", "structured", "label_azimuth"),
-    _task(
-        "smallnorb_elevation", "smallnorb:2.*.*", "train", "test[:50%]", "test[50%:]", "structured", "label_elevation"
-    ),
 )
 
 

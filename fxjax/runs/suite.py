@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from ml_collections import config_dict
 
 from fxjax import config as config_lib
+from fxjax.data.vtab import vtab_task
 from fxjax.evaluate import catalog
 from fxjax.evaluate.results import ProtocolResult, markdown_table
 from fxjax.progress import Progress
@@ -91,10 +92,10 @@ def resolve_suite(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ValueError(f"config.protocols: unknown protocol {name!r}; known: {', '.join(catalog.NAMES)}")
     for name in suite.datasets:
         if name.startswith("vtab:"):
-            raise ValueError(
-                f"config.datasets: {name!r}: VTAB-1k task splits (train800 / val200) are not a data source yet; "
-                "use tfds:<name>"
-            )
+            try:
+                vtab_task(name.removeprefix("vtab:"))  # an unknown or unsupported task fails before any cell runs
+            except ValueError as e:
+                raise ValueError(f"config.datasets: {e}") from None
     if suite.image_size is not None and suite.image_size <= 0:
         raise ValueError(f"config.image_size={suite.image_size}: must be > 0")
     suite.lock()

@@ -204,7 +204,8 @@ def test_a_rerun_that_changes_what_finished_cells_mean_is_refused_in_one_line(ru
         ("--config.overrides.dinov2_knn.kk=3", "unknown config key 'overrides.dinov2_knn.kk'"),
         ("--config.protocols=dinov2_knn,nope", "unknown protocol 'nope'"),
         ("--config.protocols=dinov2_knn,dinov2_knn", "config.protocols lists 'dinov2_knn' twice"),
-        ("--config.datasets=vtab:dtd", "VTAB-1k task splits"),
+        ("--config.datasets=vtab:clevr_count", "'vtab:clevr_count' (label 'count_all', derived by task_adaptation)"),
+        ("--config.datasets=vtab:nope", "config.datasets: unknown VTAB task 'vtab:nope'"),
     ],
 )
 def test_bad_suite_values_exit_2_with_one_line(change, message, tmp_path, capsys):
