@@ -333,21 +333,25 @@ class AttentionPool(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-LN encoder block: x + ls1 * attn(norm1(x)), then x + ls2 * mlp(norm2(x)), ls: LayerScale."""
+    """Pre-LN encoder block: x + ls1 * attn(norm1(x)), then x + ls2 * mlp(norm2(x)), ls: LayerScale (none when
+    spec.layer_scale is None). A family with other attention or MLP maths (EVA-02's and DINOv3's rotary attention)
+    passes its own; the block's keyword inputs (a key mask, rotary tables) go to the attention."""
 
-    def __init__(self, spec: TransformerSpec, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, spec: TransformerSpec, *, attn: nnx.Module | None = None, mlp: nnx.Module | None = None, dtype,
+        param_dtype, rngs: nnx.Rngs,
+    ):  # fmt: skip
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = layer_norm(spec, **kw)
-        self.attn = Attention(spec, **kw)
+        self.attn = attn if attn is not None else Attention(spec, **kw)
         self.norm2 = layer_norm(spec, **kw)
-        self.mlp = Mlp(spec, **kw)
+        self.mlp = mlp if mlp is not None else Mlp(spec, **kw)
         scaled = spec.layer_scale is not None
         self.ls1 = nnx.Param(jnp.full((spec.dim,), spec.layer_scale, param_dtype)) if scaled else None
         self.ls2 = nnx.Param(jnp.full((spec.dim,), spec.layer_scale, param_dtype)) if scaled else None
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:  # [n, t, d]; mask [n, t] keys
-        # no mask: the one-argument call, which attention subclasses without masking (text towers) take
-        y = self.attn(self.norm1(x)) if mask is None else self.attn(self.norm1(x), mask)
+    def __call__(self, x: jax.Array, **inputs) -> jax.Array:  # [n, t, d]
+        y = self.attn(self.norm1(x), **inputs)
         if self.ls1 is not None:
             y = y * self.ls1[...].astype(y.dtype)
         x = x + y
@@ -427,6 +431,20 @@ class VisionTransformer(nnx.Module):
         out["patch_tokens"] = out.pop("normed")[:, k:]
         # LayerNorm acts per token: norming the stacked CLS tokens = norming each block's output, then its CLS.
         return out | {"hidden_states": tuple(hidden), "block_cls": cls, "block_cls_normed": self.final_norm(cls)}
+
+
+class PooledVisionTransformer(VisionTransformer):
+    """The trunk with SigLIP's attention-pool (MAP) head, or none (`use_head=False`: mean of the tokens)."""
+
+    def __init__(
+        self, spec: TransformerSpec, use_head: bool = True, *, dtype=jnp.float32, param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):  # fmt: skip
+        super().__init__(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.head = AttentionPool(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if use_head else None
+
+    def head_paths(self) -> tuple[str, ...]:
+        return ("head",) if self.head is not None else ()
 
 
 # ---- conversion helpers: each accepts the PyTorch name (`weight`, transposed) and the HF Flax one (`kernel`,

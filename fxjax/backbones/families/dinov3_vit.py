@@ -25,10 +25,10 @@ from fxjax.backbones.activations import activation
 from fxjax.backbones.convert import Rule
 from fxjax.backbones.layers import dot_general
 from fxjax.backbones.transformer import (
+    Block,
     TransformerSpec,
     VisionTransformer,
     attention,
-    layer_norm,
     linear_rules,
     norm_rules,
     patch_rules,
@@ -133,25 +133,6 @@ class Mlp(nnx.Module):
         return self.down(self.act(h) if self.gate is None else self.act(self.gate(x)) * h)
 
 
-class Block(nnx.Module):
-    """x + ls1 * attn(norm1(x), rope), then x + ls2 * mlp(norm2(x))."""
-
-    def __init__(self, biases: Biases, spec: TransformerSpec, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = layer_norm(spec, **kw)
-        self.attn = RopeAttention(biases, spec, **kw)
-        self.norm2 = layer_norm(spec, **kw)
-        self.mlp = Mlp(biases, spec, **kw)
-        self.ls1 = nnx.Param(jnp.full((spec.dim,), spec.layer_scale, param_dtype))
-        self.ls2 = nnx.Param(jnp.full((spec.dim,), spec.layer_scale, param_dtype))
-
-    def __call__(self, x: jax.Array, rope: tuple[np.ndarray, np.ndarray]) -> jax.Array:  # [n, t, d]
-        y = self.attn(self.norm1(x), rope)
-        x = x + y * self.ls1[...].astype(y.dtype)
-        y = self.mlp(self.norm2(x))
-        return x + y * self.ls2[...].astype(y.dtype)
-
-
 class DINOv3ViT(VisionTransformer):
     def __init__(self, config, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.biases = Biases.from_hf(config)  # before the trunk builds the blocks (make_block reads it)
@@ -159,7 +140,8 @@ class DINOv3ViT(VisionTransformer):
         super().__init__(spec(config), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def make_block(self, spec: TransformerSpec, **kw) -> Block:
-        return Block(self.biases, spec, **kw)
+        # the trunk block (its layer scale is always kept) around DINOv3's rotary attention and MLP
+        return Block(spec, attn=RopeAttention(self.biases, spec, **kw), mlp=Mlp(self.biases, spec, **kw), **kw)
 
     def block_inputs(self, x: jax.Array) -> dict:
         p = self.spec.patch_size

@@ -24,6 +24,7 @@ from fxjax.backbones.activations import ACTIVATIONS
 from fxjax.backbones.convert import Rule, sort_args
 from fxjax.backbones.layers import dot_general
 from fxjax.backbones.transformer import (
+    Block,
     Mlp,
     TransformerSpec,
     VisionTransformer,
@@ -230,26 +231,6 @@ class SwiGLU(nnx.Module):
         return self.fc2(self.norm(jax.nn.silu(self.fc1_g(x)) * self.fc1_x(x)))
 
 
-class EvaBlock(nnx.Module):
-    """x + gamma_1 * attn(norm1(x), rope), then x + gamma_2 * mlp(norm2(x))."""
-
-    def __init__(self, args: EvaArgs, spec: TransformerSpec, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = layer_norm(spec, **kw)
-        self.attn = EvaAttention(args, spec, **kw)
-        self.norm2 = layer_norm(spec, **kw)
-        self.mlp = SwiGLU(spec, **kw) if args.swiglu_mlp and args.scale_mlp else Mlp(spec, **kw)
-        scaled = spec.layer_scale is not None
-        self.ls1 = nnx.Param(jnp.full((spec.dim,), spec.layer_scale, param_dtype)) if scaled else None
-        self.ls2 = nnx.Param(jnp.full((spec.dim,), spec.layer_scale, param_dtype)) if scaled else None
-
-    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-        y = self.attn(self.norm1(x), rope)
-        x = x + (y * self.ls1[...].astype(y.dtype) if self.ls1 is not None else y)
-        y = self.mlp(self.norm2(x))
-        return x + (y * self.ls2[...].astype(y.dtype) if self.ls2 is not None else y)
-
-
 class EvaViT(VisionTransformer):
     def __init__(self, args: EvaArgs, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.args = args  # before the trunk builds the blocks (make_block reads it)
@@ -257,8 +238,9 @@ class EvaViT(VisionTransformer):
         super().__init__(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc_norm = layer_norm(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if args.fc_norm else None
 
-    def make_block(self, spec: TransformerSpec, **kw) -> EvaBlock:
-        return EvaBlock(self.args, spec, **kw)
+    def make_block(self, spec: TransformerSpec, **kw) -> Block:
+        mlp = SwiGLU(spec, **kw) if self.args.swiglu_mlp and self.args.scale_mlp else Mlp(spec, **kw)
+        return Block(spec, attn=EvaAttention(self.args, spec, **kw), mlp=mlp, **kw)
 
     def block_inputs(self, x: jax.Array) -> dict:
         if not self.args.use_rot_pos_emb:

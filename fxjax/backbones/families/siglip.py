@@ -15,29 +15,14 @@ from flax import nnx
 
 from fxjax.backbones.convert import Rule
 from fxjax.backbones.hf_names import attention_pool_rules, tower_rules, vision_config
-from fxjax.backbones.transformer import AttentionPool, TransformerSpec, VisionTransformer
+from fxjax.backbones.transformer import PooledVisionTransformer, TransformerSpec
 
 
 def spec(config) -> TransformerSpec:
     return TransformerSpec.from_hf(vision_config(config), cls_token=False, batch_dims=False)
 
 
-class SiglipVision(VisionTransformer):
-    def __init__(
-        self,
-        spec: TransformerSpec,
-        use_head: bool = True,
-        *,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        super().__init__(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.head = AttentionPool(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if use_head else None
-
-    def head_paths(self) -> tuple[str, ...]:
-        return ("head",) if self.head is not None else ()
-
+class SiglipVision(PooledVisionTransformer):
     def finish(self, x: jax.Array) -> dict:
         normed = self.norm(x)
         pooled = self.head(normed) if self.head is not None else jnp.mean(normed, axis=1)

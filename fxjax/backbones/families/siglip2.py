@@ -25,7 +25,7 @@ from flax import nnx
 from fxjax.backbones.convert import Rule
 from fxjax.backbones.hf_names import attention_pool_rules, tower_rules, vision_config
 from fxjax.backbones.layers import dot_general
-from fxjax.backbones.transformer import AttentionPool, TransformerSpec, VisionTransformer, linear_rules
+from fxjax.backbones.transformer import PooledVisionTransformer, TransformerSpec, linear_rules
 
 
 def spec(config) -> TransformerSpec:
@@ -119,24 +119,9 @@ class NaflexEmbeddings(nnx.Module):
         return self.patch_embed(pixel_values.astype(self.dtype)) + positions.astype(self.dtype)
 
 
-class Siglip2Vision(VisionTransformer):
-    def __init__(
-        self,
-        spec: TransformerSpec,
-        use_head: bool = True,
-        *,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        super().__init__(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.head = AttentionPool(spec, dtype=dtype, param_dtype=param_dtype, rngs=rngs) if use_head else None
-
+class Siglip2Vision(PooledVisionTransformer):
     def make_embeddings(self, spec: TransformerSpec, **kw) -> nnx.Module:
         return NaflexEmbeddings(spec, **kw)
-
-    def head_paths(self) -> tuple[str, ...]:
-        return ("head",) if self.head is not None else ()
 
     def __call__(
         self,
@@ -156,7 +141,7 @@ class Siglip2Vision(VisionTransformer):
         h = self.embeddings(x, spatial_shapes)
         hidden = [h]
         for block in self.blocks:
-            h = block(h, mask)
+            h = block(h, mask=mask)
             hidden.append(h)
         normed = self.norm(h)
         weights = (mask / mask.sum(axis=1, keepdims=True))[:, :, None].astype(normed.dtype)  # mean of valid patches
