@@ -145,22 +145,26 @@ def eval_batches(
     shard_count: int = 1,
     worker_count: int = 0,
     start_batch: int = 0,
+    views: int = 1,
+    transform: Callable[[np.ndarray, int, int], np.ndarray] | None = None,
 ) -> Iterator[dict]:
     """Each example exactly once across all hosts, in order, as {"x", "label", "mask": bool [b]} batches.
 
     The last batch is padded (mask False); an image that cannot be decoded is masked out the same way. Every
     host yields the same number of batches, all-padding ones where it runs out first, because the jitted eval
     step is a collective that every host must enter. `start_batch` skips that many batches on every host (a
-    resumed extraction).
+    resumed extraction). `views` rows per image (adjacent), each `transform(image, index, view)` (see
+    `PaddedShard`): the cached augmented views.
     """
     per_host = per_host_batch(batch_size, shard_index, shard_count)
-    num_batches = eval_batch_count(len(source), per_host, shard_count) - start_batch
+    num_batches = eval_batch_count(len(source), per_host, shard_count, views) - start_batch
     if num_batches <= 0:
         return iter(())
     start, stop = shard_bounds(len(source), shard_index, shard_count)
     if worker_count:
         _use_default_absl_flags()
-    padded = PaddedShard(source, spec, start + start_batch * per_host, stop, num_batches * per_host)
+    skipped = start_batch * per_host // views  # images already extracted: a whole number (chunk boundary)
+    padded = PaddedShard(source, spec, start + skipped, stop, num_batches * per_host, views=views, transform=transform)
     loader = grain.DataLoader(
         data_source=padded,
         sampler=grain.samplers.SequentialSampler(len(padded), grain.sharding.NoSharding()),

@@ -19,7 +19,7 @@ def shard_bounds(num_examples: int, shard_index: int, shard_count: int) -> tuple
     return (num_examples * shard_index // shard_count, num_examples * (shard_index + 1) // shard_count)
 
 
-def eval_batch_count(num_examples: int, per_host: int, shard_count: int) -> int:
+def eval_batch_count(num_examples: int, per_host: int, shard_count: int, rows_per_example: int = 1) -> int:
     """Batches every host yields in an evaluation pass: enough for the largest shard (the eval step is a
     collective every host must enter, so hosts that run out first yield all-padding batches)."""
-    return math.ceil(math.ceil(num_examples / shard_count) / per_host)
+    return math.ceil(math.ceil(num_examples / shard_count) * rows_per_example / per_host)

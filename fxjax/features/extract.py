@@ -257,20 +257,13 @@ def cached_split(
     entry: ChunkedEntry,
     make_batches: Callable[[int], Iterable[dict]],
     *,
-    total: int,
-    num_batches: int,
-    per_host: int,
-    mesh,
-    desc: str,
-    variants: tuple[str, ...],
-    param_sharding: parallel.ShardingFn | None = None,
-    chunk_rows: int = CHUNK_ROWS,
-    rows_per_image: int = 1,
     rows: str = "all",
     shared: list | None = None,
+    **extraction,
 ) -> tuple[dict, bool]:
     """(arrays {variant..., "labels"}, hit) of one entry: read when every host holds it, else extracted
-    (resumed) into it and committed first. `shared` memoises `store_is_shared` across splits ([] or [bool])."""
+    (resumed) into it and committed first. `shared` memoises `store_is_shared` across splits ([] or [bool]);
+    `extraction`: the keyword arguments of `extract_to_entry` (sizes, mesh, variants, ...)."""
     if rows not in ("all", "host"):
         raise ValueError(f"rows must be 'all' or 'host', got {rows!r}")
     host, hosts = jax.process_index(), jax.process_count()
@@ -278,20 +271,7 @@ def cached_split(
     if hosts > 1:
         hit = bool(parallel.gather(np.asarray([hit])).all())
     if not hit:
-        extract_to_entry(
-            backbone,
-            entry,
-            make_batches,
-            total=total,
-            num_batches=num_batches,
-            per_host=per_host,
-            mesh=mesh,
-            desc=desc,
-            variants=variants,
-            param_sharding=param_sharding,
-            chunk_rows=chunk_rows,
-            rows_per_image=rows_per_image,
-        )
+        extract_to_entry(backbone, entry, make_batches, **extraction)
         shared = [] if shared is None else shared
         if not shared:
             shared.append(store_is_shared(entry.path.parent))

@@ -9,17 +9,14 @@ rng Philox(key=seed + p), and image i sits at position k * n + i in epoch k.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
-import grain
 import jax
 import numpy as np
 
 from fxjax import parallel
 from fxjax.backbones.backbone import Backbone
-from fxjax.data.images import PaddedShard, read_options, shard_bounds
+from fxjax.data.images import eval_batches
 from fxjax.data.preprocess import PreprocessSpec, augment_image
-from fxjax.data.sources import Source
 from fxjax.features import extract as extraction, store as cache
 from fxjax.features.entry import ChunkedEntry
 
@@ -38,41 +35,6 @@ class _AugmentView:
 
     def __call__(self, image: np.ndarray, index: int, view: int) -> np.ndarray:
         return augment_image(image, self.spec, view_rng(self.seed, view, index, self.num_images))
-
-
-def view_batches(
-    source: Source,
-    spec: PreprocessSpec,
-    *,
-    views: int,
-    seed: int,
-    batch_size: int,
-    shard_index: int = 0,
-    shard_count: int = 1,
-    worker_count: int = 0,
-    start_batch: int = 0,
-) -> Iterator[dict]:
-    """This host's images' views as padded {"x", "label", "mask"} batches (views of an image adjacent),
-    the same number of batches on every host, from `start_batch` on."""
-    per_host = batch_size // shard_count
-    num_batches = math.ceil(math.ceil(len(source) / shard_count) * views / per_host) - start_batch
-    if num_batches <= 0:
-        return iter(())
-    start, stop = shard_bounds(len(source), shard_index, shard_count)
-    offset = start_batch * per_host  # rows already extracted; a whole number of images (chunk boundary)
-    rows = PaddedShard(
-        source, spec, start + offset // views, stop, num_batches * per_host, views=views,
-        transform=_AugmentView(spec, seed, len(source)),
-    )  # fmt: skip
-    loader = grain.DataLoader(
-        data_source=rows,
-        sampler=grain.samplers.SequentialSampler(len(rows), grain.sharding.NoSharding()),
-        operations=[grain.transforms.Batch(per_host, drop_remainder=False)],
-        worker_count=worker_count,
-        read_options=read_options(per_host),
-        shard_options=grain.sharding.NoSharding(),
-    )
-    return iter(loader)
 
 
 def cached_views(
@@ -107,11 +69,11 @@ def cached_views(
     root = cache.as_path(cache.cache_root(cache_dir))
 
     def make_batches(start_batch):
-        return view_batches(
+        return eval_batches(
             source,
             backbone.preprocess,
             views=views,
-            seed=seed,
+            transform=_AugmentView(backbone.preprocess, seed, len(source)),
             batch_size=batch_size,
             shard_index=host,
             shard_count=hosts,
