@@ -111,6 +111,13 @@ def slurm(tmp_path_factory):
             time.sleep(1)
         yield env
     finally:
+        if daemons and daemons[-1].poll() is None:  # jobs (and their srun steps) end before the daemons do
+            subprocess.run(["scancel", "--user=root", "--full"], env=env, capture_output=True)
+            deadline = time.monotonic() + 30
+            while subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout.strip():
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(1)
         for daemon in reversed(daemons):
             daemon.terminate()
         for daemon in reversed(daemons):
