@@ -15,6 +15,7 @@ import fxjax
 from fxjax.backbones.backbone import VARIANTS
 from fxjax.backbones.convert import WeightMismatchError, path_str
 from fxjax.data.preprocess import preprocess_image
+from tests.support.reference_models import random_images
 
 torch = pytest.importorskip("torch")
 T = pytest.importorskip("transformers")
@@ -38,10 +39,6 @@ CASES = {
 # tokens before the patches in last_hidden_state
 PREFIX = {"vit": 1 + REGISTERS, "vit_gated": 1, "convnext": 1, "convnext_ls0": 1}
 TOL = 1e-4
-
-
-def _images(n=2, h=32, w=32, seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, h, w, 3)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +97,7 @@ def test_outputs_match_reference(saved, name, size):
     at a patch grid other than the checkpoint's (RoPE on normalised coordinates needs no resizing)."""
     model, folder = saved(name)
     bb = fxjax.load_backbone(str(folder))
-    x = _images(h=size[0], w=size[1])
+    x = random_images(h=size[0], w=size[1])
     ref, ours = _reference(model, x), _outputs(bb, x)
     assert _max_diff(ours["pooled"], ref.pooler_output) <= TOL
     assert len(ours["hidden_states"]) == len(ref.hidden_states)
@@ -194,7 +191,7 @@ def test_preprocessing_matches_the_processor(saved):
 def test_bfloat16_compute_is_close(saved):
     """bfloat16 compute (the RoPE tables cast too) stays within bfloat16's precision of the reference."""
     model, folder = saved("vit")
-    x = _images()
+    x = random_images()
     half = fxjax.load_backbone(str(folder), dtype="bfloat16").features(jnp.asarray(x))
     assert half.dtype == jnp.bfloat16
     full = _reference(model, x).pooler_output

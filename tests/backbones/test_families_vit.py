@@ -16,6 +16,7 @@ import fxjax
 from fxjax.backbones.convert import WeightMismatchError, path_str
 from fxjax.heads import freeze
 from fxjax.heads.heads import Classifier, Head
+from tests.support.reference_models import perturbed, random_images
 
 torch = pytest.importorskip("torch")
 T = pytest.importorskip("transformers")
@@ -76,15 +77,7 @@ PREFIX_TOKENS = {"deit": 2, "dinov2_with_registers": 1 + REGISTERS, "siglip": 0,
 
 def _reference(name: str):
     torch.manual_seed(0)
-    return _perturbed(CASES[name][0]())
-
-
-def _perturbed(model):
-    model.eval()
-    with torch.no_grad():  # move every weight off its init (ones, zeros) so that no mapping hides
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
+    return perturbed(CASES[name][0]())
 
 
 def _tower(name: str, model):
@@ -95,10 +88,6 @@ def _run_reference(name: str, model, x: np.ndarray, **kw):
     pixels = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     with torch.no_grad():
         return _tower(name, model)(pixel_values=pixels, output_hidden_states=True, **kw)
-
-
-def _images(n=2, h=32, w=32, seed=0) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, h, w, 3)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +124,7 @@ def test_features_match_reference(saved, name):
     model, folder = saved(name)
     bb = fxjax.load_backbone(str(folder))
     assert bb.info["model_type"] == name.removesuffix("_swiglu")
-    x = _images()
+    x = random_images()
     assert _max_diff(bb.features(x), _ref_pooled(name, _run_reference(name, model, x))) <= 1e-4
 
 
@@ -145,7 +134,7 @@ def test_features_match_reference(saved, name):
 def test_every_output_matches_reference(saved, name):
     model, folder = saved(name)
     bb = fxjax.load_backbone(str(folder))
-    x = _images()
+    x = random_images()
     ref = _run_reference(name, model, x)
     out = _outputs(bb, x)
     assert _max_diff(out["pooled"], _ref_pooled(name, ref)) <= 1e-4
@@ -182,7 +171,7 @@ def test_every_output_matches_reference(saved, name):
 def test_interpolated_positions_match_reference(saved, name, size):
     model, folder = saved(name)
     bb = fxjax.load_backbone(str(folder))
-    x = _images(1, *size, seed=1)
+    x = random_images(1, *size, seed=1)
     kw = {} if name.startswith("dinov2") else {"interpolate_pos_encoding": True}  # DINOv2 always interpolates
     ref = _run_reference(name, model, x, **kw)
     out = _outputs(bb, x)
@@ -195,9 +184,9 @@ def test_registers_classifier_checkpoint(tmp_path):
     `pooled_avgpool` is its classifier's input: CLS and the mean of the patch tokens, registers left out."""
     torch.manual_seed(0)
     config = T.Dinov2WithRegistersConfig(**VISION, mlp_ratio=2, num_register_tokens=REGISTERS, num_labels=3)
-    model = _perturbed(T.Dinov2WithRegistersForImageClassification(config))
+    model = perturbed(T.Dinov2WithRegistersForImageClassification(config))
     model.save_pretrained(tmp_path)
-    x = _images()
+    x = random_images()
     with torch.no_grad():
         logits = model(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2))).logits
     feats = fxjax.load_backbone(str(tmp_path)).variants(x, ("pooled_avgpool",))["pooled_avgpool"]
@@ -209,7 +198,7 @@ def test_registers_classifier_checkpoint(tmp_path):
 def test_image_size_not_divisible_by_patch(saved):
     bb = fxjax.load_backbone(str(saved("vit")[1]))
     with pytest.raises(ValueError, match=r"30x32.*patch size 8"):
-        bb.features(_images(1, 30, 32))
+        bb.features(random_images(1, 30, 32))
 
 
 def _tensors(folder) -> dict[str, np.ndarray]:
@@ -228,7 +217,7 @@ def test_pytorch_bin_checkpoint(saved, tmp_path):
     model, folder = saved("deit")
     _copy_config(folder, tmp_path)
     torch.save({k: torch.from_numpy(v) for k, v in _tensors(folder).items()}, tmp_path / "pytorch_model.bin")
-    x = _images()
+    x = random_images()
     ref = _run_reference("deit", model, x).last_hidden_state[:, 0]
     assert _max_diff(fxjax.load_backbone(str(tmp_path)).features(x), ref) <= 1e-4
 
@@ -261,7 +250,7 @@ def test_flax_msgpack_checkpoint(saved, tmp_path, name, prefix):
     if prefix:  # a FlaxViTForImageClassification: the backbone under `vit`, plus its classifier
         params["classifier"] = {"kernel": np.zeros((32, 5), np.float32), "bias": np.zeros(5, np.float32)}
     (tmp_path / "flax_model.msgpack").write_bytes(serialization.msgpack_serialize(params))
-    x = _images()
+    x = random_images()
     ref_pooled = _ref_pooled(name, _run_reference(name, model, x))
     assert _max_diff(fxjax.load_backbone(str(tmp_path)).features(x), ref_pooled) <= 1e-4
 
@@ -308,7 +297,7 @@ def test_mismatched_checkpoint_lists_every_problem(saved, tmp_path):
 @pytest.mark.parametrize("name", ["vit", "siglip_vision_model"])
 def test_bfloat16_compute_is_close(saved, name):
     model, folder = saved(name)
-    x = _images()
+    x = random_images()
     ref = _ref_pooled(name, _run_reference(name, model, x)).numpy()
     half = fxjax.load_backbone(str(folder), dtype="bfloat16").features(x)
     assert half.dtype == jnp.bfloat16
@@ -324,7 +313,7 @@ def test_frozen_stages_get_no_gradient(saved):
     graphdef, params, rest = freeze.split_trainable(
         model, freeze.trainable(freeze.frozen_patterns("2", module.stage_paths()))
     )
-    x = jnp.asarray(_images())
+    x = jnp.asarray(random_images())
     grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, jax.lax.stop_gradient(rest))(x) ** 2)))(params)
     flat = {path_str(p): float(jnp.sum(g.get_value() ** 2)) for p, g in nnx.to_flat_state(grads)}
     assert not any(k.startswith(("backbone.embeddings.", "backbone.blocks.0.")) for k in flat)
@@ -412,7 +401,7 @@ def test_block_cls_normed_is_dinov2s_intermediate_layers_with_norm(saved):
     """`block_cls_normed` (behind the cls_last4 variants) = the final layernorm applied to each block's output,
     then its CLS token, as DINOv2's `get_intermediate_layers(norm=True)` gives them to its linear evaluation."""
     model, folder = saved("dinov2")
-    x = _images()
+    x = random_images()
     ref = _run_reference("dinov2", model, x)
     with torch.no_grad():
         normed = torch.stack([model.layernorm(h)[:, 0] for h in ref.hidden_states[1:]], 1)

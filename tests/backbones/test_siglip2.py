@@ -13,6 +13,7 @@ from flax import nnx
 import fxjax
 from fxjax.backbones.families.siglip2 import naflex_inputs, resize_positions
 from fxjax.data.preprocess import PreprocessSpec, naflex_size, preprocess_image
+from tests.support.reference_models import perturbed
 
 torch = pytest.importorskip("torch")
 T = pytest.importorskip("transformers")
@@ -31,17 +32,9 @@ VISION = dict(
 TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
 
 
-def _perturbed(model):
-    model.eval()
-    with torch.no_grad():  # move every weight off its init (ones, zeros) so that no mapping hides
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
 def _vision(**kw):
     torch.manual_seed(0)
-    return _perturbed(T.Siglip2VisionModel(T.Siglip2VisionConfig(**VISION, **kw)))
+    return perturbed(T.Siglip2VisionModel(T.Siglip2VisionConfig(**VISION, **kw)))
 
 
 def _save(model, folder):
@@ -164,7 +157,7 @@ def test_full_checkpoint_and_no_head(tmp_path):
     of the valid final tokens."""
     torch.manual_seed(0)
     config = T.Siglip2Config(text_config=TEXT, vision_config=VISION)
-    full = _perturbed(T.Siglip2Model(config))
+    full = perturbed(T.Siglip2Model(config))
     bb = fxjax.load_backbone(str(_save(full, tmp_path / "full")))
     assert bb.info["model_type"] == "siglip2"
     inputs = T.Siglip2ImageProcessorPil(patch_size=PATCH, max_num_patches=MAX_PATCHES)(_photos(), return_tensors="np")
