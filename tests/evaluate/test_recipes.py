@@ -4,13 +4,13 @@ chosen C, big_vision's closed form written out in numpy; plus the settings, sele
 import enum
 import json
 import sys
-import types
 
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
 from fxjax.evaluate import recipes, results, search
+from tests.support.dinov2_eval import stubbed
 
 
 def _blobs(n, d=16, c=6, seed=0, noise=2.0):
@@ -39,20 +39,9 @@ def _dinov2_knn_module():
         "dinov2.eval.setup": {"get_args_parser": None, "setup_and_build_model": None},
         "dinov2.eval.utils": {"ModelWithNormalize": None, "evaluate": None, "extract_features": None},
     }
-    saved = {name: sys.modules.get(name) for name in stubs}
-    for name, attrs in stubs.items():
-        module = types.ModuleType(name)
-        module.__dict__.update(attrs)
-        sys.modules[name] = module
-    try:
+    with stubbed(stubs):
         sys.modules.pop("dinov2.eval.knn", None)
         from dinov2.eval import knn
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
     return knn.KnnModule
 
 

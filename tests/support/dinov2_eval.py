@@ -34,9 +34,10 @@ _STUBS = {
 
 
 @contextlib.contextmanager
-def _stubbed():
-    saved = {name: sys.modules.get(name) for name in _STUBS}
-    for name, attrs in _STUBS.items():
+def stubbed(stubs: dict[str, dict]):
+    """sys.modules[name] replaced by a module holding only `attrs`, for each {name: attrs}, then restored."""
+    saved = {name: sys.modules.get(name) for name in stubs}
+    for name, attrs in stubs.items():
         module = types.ModuleType(name)
         module.__dict__.update(attrs)
         sys.modules[name] = module
@@ -52,7 +53,7 @@ def _stubbed():
 
 def load() -> tuple[types.ModuleType, types.ModuleType]:
     """→ (dinov2.eval.linear, dinov2.eval.utils), DINOv2's modules."""
-    with _stubbed():
+    with stubbed(_STUBS):
         for name in ("dinov2.eval.linear", "dinov2.eval.utils"):
             sys.modules.pop(name, None)
         from dinov2.eval import linear, utils
