@@ -52,6 +52,11 @@ Row = tuple[str, float, float | None, float | None, float | None, float | None]
 Splits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
 
 
+def _probe_inputs(splits: Splits) -> tuple[probes.Splits, int]:
+    tx, ty, vx, vy, sx, sy, c = splits
+    return probes.Splits((tx, ty), (vx, vy), (sx, sy)), c
+
+
 def _sklearn_sweep(make: Callable[[float], Any], grid: list[float], splits: Splits) -> tuple[float, float, float]:
     """Fit one sklearn model per grid value, choose on val like the probes do: (chosen, val acc, test acc)."""
     tx, ty, vx, vy, sx, sy, _ = splits
@@ -64,7 +69,9 @@ def _sklearn_sweep(make: Callable[[float], Any], grid: list[float], splits: Spli
 def bench_logistic(args: argparse.Namespace, splits: Splits) -> tuple[list[Row], list[dict[str, float]]]:
     tx, ty, *_, c = splits
     _, compile_s = timed(lambda: probes.logistic_fit(tx, ty, c, C=1.0, max_iter=1))
-    ours, ours_s = timed(lambda: probes.logistic_probe(*splits, Cs=args.cs, max_iter=args.max_iter, tol=args.tol))
+    ours, ours_s = timed(
+        lambda: probes.logistic_probe(*_probe_inputs(splits), Cs=args.cs, max_iter=args.max_iter, tol=args.tol)
+    )
     theirs, sk_s = timed(
         lambda: _sklearn_sweep(
             lambda C: LogisticRegression(C=C, solver="lbfgs", max_iter=args.max_iter, tol=args.tol),
@@ -88,8 +95,8 @@ def bench_logistic(args: argparse.Namespace, splits: Splits) -> tuple[list[Row],
 
 
 def bench_ridge(args: argparse.Namespace, splits: Splits) -> list[Row]:
-    probes.ridge_probe(*splits, lambdas=args.lambdas)  # warm-up (numpy, nothing to compile)
-    ours, ours_s = timed(lambda: probes.ridge_probe(*splits, lambdas=args.lambdas))
+    probes.ridge_probe(*_probe_inputs(splits), lambdas=args.lambdas)  # warm-up (numpy, nothing to compile)
+    ours, ours_s = timed(lambda: probes.ridge_probe(*_probe_inputs(splits), lambdas=args.lambdas))
     theirs, sk_s = timed(lambda: _sklearn_sweep(lambda lam: RidgeClassifier(alpha=lam), args.lambdas, splits))
     return [
         (
@@ -105,8 +112,8 @@ def bench_ridge(args: argparse.Namespace, splits: Splits) -> list[Row]:
 
 
 def bench_knn(splits: Splits) -> list[Row]:
-    probes.knn_probe(*splits)  # warm-up: compile
-    ours, ours_s = timed(lambda: probes.knn_probe(*splits))
+    probes.knn_probe(*_probe_inputs(splits))  # warm-up: compile
+    ours, ours_s = timed(lambda: probes.knn_probe(*_probe_inputs(splits)))
     return [
         (
             "kNN, k in (10, 20), val + test queries",

@@ -35,6 +35,14 @@ DEFAULT_CS = tuple(np.logspace(-6, 6, 13))
 DINOV2_KS = (10, 20, 100, 200)  # DINOv2's kNN evaluation, at temperature 0.07
 
 
+class Splits(NamedTuple):
+    """A probe's inputs, (features [n, d], labels [n]) per split; with a mesh the features may be lazy arrays."""
+
+    train: tuple[Any, Any]
+    val: tuple[Any, Any]
+    test: tuple[Any, Any]
+
+
 @dataclasses.dataclass
 class ProbeResult:
     """One probe's outcome: the chosen hyper-parameter, its accuracies and the whole sweep."""
@@ -232,20 +240,14 @@ def ridge_fit_chunks(
 
 
 def ridge_probe(
-    train_x: Any,
-    train_y: Any,
-    val_x: Any,
-    val_y: Any,
-    test_x: Any,
-    test_y: Any,
+    splits: Splits,
     num_classes: int,
     lambdas: Sequence[float] = DEFAULT_LAMBDAS,
     mesh: Mesh | None = None,
 ) -> ProbeResult:
     """Sweep every lambda in one fit; choose on val accuracy (ties: the strongest regularisation). With `mesh`
     the splits may be lazy arrays: they are read chunk by chunk."""
-    splits = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_x, test_y)}
-    s = _check_splits(num_classes, mesh is not None, **splits)
+    s = _check_splits(num_classes, mesh is not None, **splits._asdict())
     fit = ridge_fit(*s["train"], num_classes, lambdas, mesh=mesh)
     preds = {name: _predict(fit.predict, x) for name, (x, _) in s.items()}  # each [L, n]
     rows = [
@@ -453,12 +455,7 @@ def logistic_path(
 
 
 def logistic_probe(
-    train_x: Any,
-    train_y: Any,
-    val_x: Any,
-    val_y: Any,
-    test_x: Any,
-    test_y: Any,
+    splits: Splits,
     num_classes: int,
     Cs: Sequence[float] = DEFAULT_CS,  # sklearn's name
     max_iter: int = 1000,
@@ -471,8 +468,7 @@ def logistic_probe(
     Cs are solved in increasing order, each warm-started from the previous solution (the regularisation
     path), with one compiled solver for the whole sweep. Ties go to the smallest C.
     """
-    splits = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_x, test_y)}
-    s = _check_splits(num_classes, mesh is not None, **splits)
+    s = _check_splits(num_classes, mesh is not None, **splits._asdict())
     cs = np.sort(np.asarray(Cs, np.float64).reshape(-1))
     if cs.size == 0 or np.any(cs <= 0):
         raise ValueError(f"Cs must be a non-empty list of positive numbers, got {Cs}")
@@ -617,12 +613,7 @@ def knn_predict(
 
 
 def knn_probe(
-    train_x: Any,
-    train_y: Any,
-    val_x: Any,
-    val_y: Any,
-    test_x: Any,
-    test_y: Any,
+    splits: Splits,
     num_classes: int,
     ks: Sequence[int] = (10, 20),
     temperature: float = 0.07,
@@ -631,8 +622,7 @@ def knn_probe(
 ) -> ProbeResult:
     """kNN accuracy for every k (DINO reports each; `DINOV2_KS` is DINOv2's set); `best` is chosen on val,
     ties to the first k listed. `mesh` shards the bank (see `knn_predict`); the splits may then be lazy."""
-    splits = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_x, test_y)}
-    s = _check_splits(num_classes, mesh is not None, **splits)
+    s = _check_splits(num_classes, mesh is not None, **splits._asdict())
     ks = tuple(int(k) for k in ks)
     if not ks:
         raise ValueError("ks must be non-empty")

@@ -52,12 +52,12 @@ def on_features(
 
 def _probe(name: str, feats: dict, labels: dict, num_classes: int, mesh=None) -> probes.ProbeResult:
     """One probe; with `mesh`, sharded over it with the rows read chunk by chunk (never a whole split)."""
-    args = [a for s in SPLITS for a in (feats[s] if mesh is not None else np.asarray(feats[s]), labels[s])]
+    splits = probes.Splits(**{s: (feats[s] if mesh is not None else np.asarray(feats[s]), labels[s]) for s in SPLITS})
     if name == "ridge":
-        return probes.ridge_probe(*args, num_classes, mesh=mesh)
+        return probes.ridge_probe(splits, num_classes, mesh=mesh)
     if name == "logistic":
-        return probes.logistic_probe(*args, num_classes, standardize=True, mesh=mesh)
-    return probes.knn_probe(*args, num_classes, mesh=mesh)
+        return probes.logistic_probe(splits, num_classes, standardize=True, mesh=mesh)
+    return probes.knn_probe(splits, num_classes, mesh=mesh)
 
 
 def _probes_markdown(results) -> str:

@@ -50,7 +50,7 @@ def test_ridge_matches_direct_solve(n):
 
 def test_ridge_probe_selects_best_val(digits):
     (tx, ty), (vx, vy), (sx, sy) = digits
-    res = probes.ridge_probe(tx, ty, vx, vy, sx, sy, 10, lambdas=[1e-3, 1.0, 1e2, 1e4, 1e6])
+    res = probes.ridge_probe(probes.Splits((tx, ty), (vx, vy), (sx, sy)), 10, lambdas=[1e-3, 1.0, 1e2, 1e4, 1e6])
     best_val = max(r["val_accuracy"] for r in res.table)
     assert res.param == "lambda" and res.val_accuracy == best_val
     (row,) = [r for r in res.table if r["lambda"] == res.best]
@@ -93,7 +93,7 @@ def test_logistic_standardize_folds_into_weights(digits):
 
 def test_logistic_probe_sweep(digits):
     (tx, ty), (vx, vy), (sx, sy) = digits
-    res = probes.logistic_probe(tx, ty, vx, vy, sx, sy, 10, Cs=[10.0, 1e-4, 0.1])
+    res = probes.logistic_probe(probes.Splits((tx, ty), (vx, vy), (sx, sy)), 10, Cs=[10.0, 1e-4, 0.1])
     assert [r["C"] for r in res.table] == [1e-4, 0.1, 10.0]  # solved in increasing order (warm starts)
     best_val = max(r["val_accuracy"] for r in res.table)
     (row,) = [r for r in res.table if r["C"] == res.best]
@@ -123,7 +123,7 @@ def test_knn_matches_brute_force():
     for k in (1, 10, 20):
         ours = probes.knn_predict(tx, ty, qx, 5, k=k, chunk=32)  # 100 queries: 4 chunks, last one padded
         np.testing.assert_array_equal(ours, _knn_reference(tx, ty, qx, 5, k))
-    res = probes.knn_probe(tx, ty, qx, qy, qx, qy, 5, ks=(10, 20), chunk=64)
+    res = probes.knn_probe(probes.Splits((tx, ty), (qx, qy), (qx, qy)), 5, ks=(10, 20), chunk=64)
     for row in res.table:
         assert row["val_accuracy"] == np.mean(_knn_reference(tx, ty, qx, 5, row["k"]) == qy)
     assert res.val_accuracy == max(r["val_accuracy"] for r in res.table)
@@ -162,7 +162,7 @@ def test_input_validation():
     with pytest.raises(ValueError, match="labels must be"):
         probes.ridge_fit(x, y[:-1], 5, [1.0])
     with pytest.raises(ValueError, match="feature dimensions differ"):
-        probes.ridge_probe(x, y, x[:, :-1], y, x, y, 5, [1.0])
+        probes.ridge_probe(probes.Splits((x, y), (x[:, :-1], y), (x, y)), 5, [1.0])
     with pytest.raises(ValueError, match="query features"):
         probes.knn_predict(x, y, x[:, :3], 5, k=3)
     with pytest.raises(ValueError, match="positive"):

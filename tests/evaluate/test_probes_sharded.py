@@ -57,8 +57,8 @@ def test_sharded_knn_bank_smaller_than_k_per_shard(mesh):
 
 def test_sharded_knn_probe_table(mesh, digits):
     (tx, ty), (vx, vy), (sx, sy) = digits
-    one = probes.knn_probe(tx, ty, vx, vy, sx, sy, 10, ks=probes.DINOV2_KS)
-    many = probes.knn_probe(tx, ty, vx, vy, sx, sy, 10, ks=probes.DINOV2_KS, mesh=mesh, chunk=128)
+    one = probes.knn_probe(probes.Splits((tx, ty), (vx, vy), (sx, sy)), 10, ks=probes.DINOV2_KS)
+    many = probes.knn_probe(probes.Splits((tx, ty), (vx, vy), (sx, sy)), 10, ks=probes.DINOV2_KS, mesh=mesh, chunk=128)
     assert many.table == one.table and many.best == one.best
 
 
@@ -71,8 +71,8 @@ def test_sharded_ridge_within_1e5(mesh, digits):
     np.testing.assert_allclose(many.bias, one.bias, atol=1e-5)
     np.testing.assert_array_equal(many.predict(sx), one.predict(sx))
     assert (
-        probes.ridge_probe(tx, ty, vx, vy, sx, sy, 10, lambdas, mesh=mesh).table
-        == probes.ridge_probe(tx, ty, vx, vy, sx, sy, 10, lambdas).table
+        probes.ridge_probe(probes.Splits((tx, ty), (vx, vy), (sx, sy)), 10, lambdas, mesh=mesh).table
+        == probes.ridge_probe(probes.Splits((tx, ty), (vx, vy), (sx, sy)), 10, lambdas).table
     )
 
 
@@ -124,8 +124,8 @@ def test_sharded_logistic_probe_converged_agrees(mesh, digits):
     chosen C and accuracies agree (the weights, flat along some directions, agree to about 1e-2)."""
     (tx, ty), (vx, vy), (sx, sy) = digits
     cs = [1e-3, 1e-1, 10.0]
-    one = probes.logistic_probe(tx, ty, vx, vy, sx, sy, 10, Cs=cs, standardize=True)
-    many = probes.logistic_probe(tx, ty, vx, vy, sx, sy, 10, Cs=cs, standardize=True, mesh=mesh)
+    one = probes.logistic_probe(probes.Splits((tx, ty), (vx, vy), (sx, sy)), 10, Cs=cs, standardize=True)
+    many = probes.logistic_probe(probes.Splits((tx, ty), (vx, vy), (sx, sy)), 10, Cs=cs, standardize=True, mesh=mesh)
     assert many.best == one.best
     for a, b in zip(one.table, many.table, strict=True):
         assert abs(a["objective"] - b["objective"]) <= 1e-5 * max(1.0, abs(a["objective"]))

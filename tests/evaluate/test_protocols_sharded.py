@@ -91,12 +91,12 @@ def test_probes_and_fewshot_on_lazy_sharded_features_equal_in_memory(tmp_path, m
 def test_logistic_probe_on_lazy_features_equals_in_memory_on_the_mesh(tmp_path, mesh, digits):
     feats, labels = digits
     lazy = {s: _entry_array(tmp_path, s, x, chunk=100) for s, x in feats.items()}
-    args = lambda f: [a for s in protocols.SPLITS for a in (f[s], labels[s])]  # noqa: E731
+    args = lambda f: probes.Splits(**{s: (f[s], labels[s]) for s in protocols.SPLITS})  # noqa: E731
     cs = [1e-3, 1e-1, 10.0]
-    one = probes.logistic_probe(*args(feats), 10, Cs=cs, standardize=True)
-    here = probes.logistic_probe(*args(feats), 10, Cs=cs, standardize=True, mesh=mesh)
+    one = probes.logistic_probe(args(feats), 10, Cs=cs, standardize=True)
+    here = probes.logistic_probe(args(feats), 10, Cs=cs, standardize=True, mesh=mesh)
     _NoWholeReads.largest = 0
-    got = probes.logistic_probe(*args(lazy), 10, Cs=cs, standardize=True, mesh=mesh)
+    got = probes.logistic_probe(args(lazy), 10, Cs=cs, standardize=True, mesh=mesh)
     assert _NoWholeReads.largest <= 4096 and got.best == here.best == one.best
     for g, h, o in zip(got.table, here.table, one.table, strict=True):
         np.testing.assert_allclose(g["objective"], h["objective"], rtol=1e-5)
