@@ -7,6 +7,7 @@ transform). `load_state` builds the module abstractly, matches every tensor, che
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -121,11 +122,13 @@ TRAINING_ONLY_ARGS = frozenset(
 )  # fmt: skip
 
 
-def sort_args(args: Mapping, fields: set[str], fixed: Mapping, ignored: set[str]) -> tuple[dict, list[str]]:
-    """A reference library's constructor arguments → (the ones the module takes, problems): an argument fixed to
-    one value must have it, an ignored one (training-only, `TRAINING_ONLY_ARGS` included) is dropped, any other
-    is unknown."""
-    ignored = TRAINING_ONLY_ARGS | ignored
+def sort_args(
+    args: Mapping, cls: type, fixed: Mapping, ignored: set[str], square: tuple[str, ...] = ()
+) -> tuple[dict, list[str]]:
+    """A reference library's constructor arguments → (the ones the dataclass `cls` takes, problems): an argument
+    fixed to one value must have it, an ignored one (training-only, `TRAINING_ONLY_ARGS` included) is dropped, any
+    other is unknown. Sizes named in `square` may come as (height, width): equal ones become one number."""
+    fields, ignored = {f.name for f in dataclasses.fields(cls)}, TRAINING_ONLY_ARGS | ignored
     known, problems = {}, []
     for key, value in args.items():
         if key in fields:
@@ -135,4 +138,17 @@ def sort_args(args: Mapping, fields: set[str], fixed: Mapping, ignored: set[str]
                 problems.append(f"{key}={value!r}")
         elif key not in ignored:
             problems.append(f"{key}={value!r} (unknown)")
+    for key in square:
+        if isinstance(known.get(key), (list, tuple)):
+            if len(set(known[key])) != 1:
+                problems.append(f"{key}={known[key]!r} (not square)")
+            known[key] = known[key][0]
     return known, problems
+
+
+def pool_problems(global_pool: str, class_token: bool, pools: Sequence[str]) -> list[str]:
+    """timm's `global_pool` checks shared by its transformer families."""
+    problems = [] if global_pool in pools else [f"global_pool={global_pool!r} (supported: {', '.join(pools)})"]
+    if global_pool == "token" and not class_token:
+        problems.append("global_pool='token' with class_token=False")
+    return problems

@@ -157,6 +157,11 @@ class _Args:
             )
         return value
 
+    def fixed(self, defaults: Mapping) -> None:
+        """Arguments whose default is the only value fxjax implements."""
+        for key, default in defaults.items():
+            self.get(key, default, allowed=(default,))
+
     def done(self) -> None:
         unknown = sorted(k for k in self.values if k not in self.read and k not in _IGNORED)
         if unknown:
@@ -196,17 +201,10 @@ def convnext(architecture: str, model_args: Mapping, *, dtype=jnp.float32, param
     layer_scale = args.get("ls_init_value", 1e-6)  # None: no layer scale; 0 still holds `gamma`, as in timm
     eps = args.get("norm_eps") or 1e-6
     head_hidden = args.get("head_hidden_size") or 0
-    for key, default in (
-        ("stem_type", "patch"),
-        ("kernel_sizes", 7),
-        ("mlp_ratio", 4),
-        ("head_norm_first", False),
-        ("conv_bias", True),
-        ("act_layer", "gelu"),
-        ("global_pool", "avg"),
-        ("norm_layer", None),
-    ):
-        args.get(key, default, allowed=(default,))
+    args.fixed({
+        "stem_type": "patch", "kernel_sizes": 7, "mlp_ratio": 4, "head_norm_first": False, "conv_bias": True,
+        "act_layer": "gelu", "global_pool": "avg", "norm_layer": None,
+    })  # fmt: skip
     spec = convnext_family.ConvNextSpec(
         hidden_sizes=dims,
         depths=depths,
@@ -234,19 +232,11 @@ def resnet(architecture: str, model_args: Mapping, *, dtype=jnp.float32, param_d
     stem_width = args.get("stem_width", 64)
     avg_down = args.get("avg_down", False)
     cardinality, base_width = args.get("cardinality", 1), args.get("base_width", 64)
-    for key, default in (
-        ("output_stride", 32),
-        ("global_pool", "avg"),
-        ("block_reduce_first", 1),
-        ("down_kernel_size", 1),
-        ("replace_stem_pool", False),
-        ("act_layer", None),
-        ("norm_layer", None),
-        ("aa_layer", None),
-        ("attn_layer", None),
-        ("block_args", None),
-    ):
-        args.get(key, default, allowed=(default,))
+    args.fixed({
+        "output_stride": 32, "global_pool": "avg", "block_reduce_first": 1, "down_kernel_size": 1,
+        "replace_stem_pool": False, "act_layer": None, "norm_layer": None, "aa_layer": None, "attn_layer": None,
+        "block_args": None,
+    })  # fmt: skip
     if block == "basic" and (cardinality, base_width) != (1, 64):
         raise ValueError(f"timm {architecture}: basic blocks take cardinality=1, base_width=64 only")
     deep = stem_type.startswith("deep")
@@ -311,19 +301,10 @@ def _efficientnet(architecture: str, model_args: Mapping, *, lite: bool, dtype, 
     defaults = (EFFICIENTNET_LITE_DEFAULTS if lite else EFFICIENTNET_DEFAULTS)[architecture]
     args = _Args(architecture, defaults, model_args)
     pad_type = args.get("pad_type", "", allowed=("", "same"))
-    for key, default in (
-        ("channel_divisor", 8),
-        ("in_chans", 3),
-        ("global_pool", "avg"),
-        ("act_layer", None),
-        ("norm_layer", None),
-        ("se_layer", None),
-        ("group_size", None),
-        ("output_stride", 32),
-        ("fix_stem", lite),
-        ("stem_size", 32),
-    ):
-        args.get(key, default, allowed=(default,))
+    args.fixed({
+        "channel_divisor": 8, "in_chans": 3, "global_pool": "avg", "act_layer": None, "norm_layer": None,
+        "se_layer": None, "group_size": None, "output_stride": 32, "fix_stem": lite, "stem_size": 32,
+    })  # fmt: skip
     config = efficientnet_family.EfficientNetConfig(
         width=args.get("channel_multiplier", 1.0),
         depth=args.get("depth_multiplier", 1.0),

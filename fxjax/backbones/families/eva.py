@@ -11,7 +11,6 @@ RoPE tables are numpy constants for the input's patch grid, on EVA's coordinates
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from fxjax.backbones.activations import ACTIVATIONS
-from fxjax.backbones.convert import Rule, sort_args
+from fxjax.backbones.convert import Rule, pool_problems, sort_args
 from fxjax.backbones.layers import dot_general
 from fxjax.backbones.transformer import (
     Block,
@@ -107,41 +106,22 @@ class EvaArgs:
 
 # timm arguments whose default is the only value fxjax implements.
 _FIXED = {
-    "in_chans": 3,
-    "num_kv_heads": None,
-    "qk_norm": False,
-    "swiglu_align_to": 0,
-    "attn_type": "eva",
-    "attn_only_layer_scale": False,
-    "use_abs_pos_emb": True,
-    "rope_type": "cat",
-    "rope_rotate_half": False,
-    "rope_mrope_section": None,
-    "use_post_norm": False,
-    "dynamic_img_pad": False,
-    "norm_layer": None,
-}
+    "in_chans": 3, "num_kv_heads": None, "qk_norm": False, "swiglu_align_to": 0, "attn_type": "eva",
+    "attn_only_layer_scale": False, "use_abs_pos_emb": True, "rope_type": "cat", "rope_rotate_half": False,
+    "rope_mrope_section": None, "use_post_norm": False, "dynamic_img_pad": False, "norm_layer": None,
+}  # fmt: skip
 # Head-only and training-time RoPE arguments (beside convert.TRAINING_ONLY_ARGS): no effect on the features.
 _IGNORED = {"head_init_scale", "rope_shift_coords", "rope_jitter_coords", "rope_rescale_coords"}
 
 
 def from_args(architecture: str, args: dict) -> EvaArgs:
     """timm constructor arguments → `EvaArgs`; one error names every argument fxjax cannot honour."""
-    fields = {f.name for f in dataclasses.fields(EvaArgs)}
-    known, problems = sort_args(args, fields, _FIXED, _IGNORED)
-    for key in ("img_size", "patch_size"):
-        if isinstance(known.get(key), (list, tuple)):
-            if len(set(known[key])) != 1:
-                problems.append(f"{key}={known[key]!r} (not square)")
-            known[key] = known[key][0]
+    known, problems = sort_args(args, EvaArgs, _FIXED, _IGNORED, square=("img_size", "patch_size"))
     if known.get("ref_feat_shape") is not None:
         shape = known["ref_feat_shape"]
         known["ref_feat_shape"] = tuple(shape) if isinstance(shape, (list, tuple)) else (shape, shape)
     eva = EvaArgs(**known)
-    if eva.global_pool not in POOLS:
-        problems.append(f"global_pool={eva.global_pool!r} (supported: {', '.join(POOLS)})")
-    if eva.global_pool == "token" and not eva.class_token:
-        problems.append("global_pool='token' with class_token=False")
+    problems += pool_problems(eva.global_pool, eva.class_token, POOLS)
     if eva.rope_grid_indexing not in ("ij", "xy"):
         problems.append(f"rope_grid_indexing={eva.rope_grid_indexing!r}")
     if eva.scale_mlp and not eva.swiglu_mlp:

@@ -14,7 +14,6 @@ does not have, naming it.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fxjax.backbones.activations import ACTIVATIONS
-from fxjax.backbones.convert import Rule, sort_args
+from fxjax.backbones.convert import Rule, pool_problems, sort_args
 from fxjax.backbones.layers import dot_general
 from fxjax.backbones.transformer import (
     Mlp,
@@ -101,44 +100,25 @@ class TimmViTArgs:
 
 # timm arguments whose default is the only value fxjax implements (other values need layers it lacks).
 _FIXED = {
-    "in_chans": 3,
-    "qk_norm": False,
-    "scale_attn_norm": False,
-    "scale_mlp_norm": False,
-    "proj_bias": True,
-    "pos_embed": "learn",
-    "pool_include_prefix": False,
-    "dynamic_img_pad": False,
-    "embed_norm_layer": None,
-    "block_fn": None,
-    "attn_layer": None,
-}
+    "in_chans": 3, "qk_norm": False, "scale_attn_norm": False, "scale_mlp_norm": False, "proj_bias": True,
+    "pos_embed": "learn", "pool_include_prefix": False, "dynamic_img_pad": False, "embed_norm_layer": None,
+    "block_fn": None, "attn_layer": None,
+}  # fmt: skip
 # Init and input-check arguments (beside convert.TRAINING_ONLY_ARGS): no effect on the inference maths.
 _IGNORED = {"weight_init", "fix_init", "strict_img_size", "class_token_init"}
 
 
 def from_args(architecture: str, args: dict) -> TimmViTArgs:
     """timm constructor arguments → `TimmViTArgs`; one error names every argument fxjax cannot honour."""
-    fields = {f.name for f in dataclasses.fields(TimmViTArgs)}
-    known, problems = sort_args(args, fields, _FIXED, _IGNORED)
-    if isinstance(known.get("img_size"), (list, tuple)):
-        height, width = known["img_size"]
-        if height != width:
-            problems.append(f"img_size={known['img_size']!r} (not square)")
-        known["img_size"] = height
-    if isinstance(known.get("patch_size"), (list, tuple)):
-        known["patch_size"] = known["patch_size"][0]
+    known, problems = sort_args(args, TimmViTArgs, _FIXED, _IGNORED, square=("img_size", "patch_size"))
     vit = TimmViTArgs(**known)
-    if vit.global_pool not in POOLS:
-        problems.append(f"global_pool={vit.global_pool!r} (supported: {', '.join(POOLS)})")
+    problems += pool_problems(vit.global_pool, vit.class_token, POOLS)
     if vit.act_layer not in ACTIVATIONS:
         problems.append(f"act_layer={vit.act_layer!r} (supported: {', '.join(sorted(ACTIVATIONS))})")
     if vit.mlp_layer not in ("mlp", "swiglu_packed"):
         problems.append(f"mlp_layer={vit.mlp_layer!r}")
     if vit.gated and vit.act_layer != "silu":
         problems.append(f"mlp_layer='swiglu_packed' with act_layer={vit.act_layer!r} (silu only)")
-    if vit.global_pool == "token" and not vit.class_token:
-        problems.append("global_pool='token' with class_token=False")
     if problems:
         raise ValueError(f"timm architecture {architecture!r}: fxjax does not implement {'; '.join(problems)}")
     return vit
