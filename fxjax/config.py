@@ -4,6 +4,7 @@ command-line override with a misspelled key fail loudly instead of being ignored
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from pathlib import Path
 
 import ml_collections
@@ -63,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.label_smoothing = 0.0  # in [0, 1)
 
     # Many linear heads at once on cached features (one vmapped pass per epoch): the grid of learning rates
-    # x weight decays; the best on validation is then trained as the run's head and evaluated on test.
+    # x weight decays; the best on validation is the run's head (checkpointed and exported), evaluated on test.
     c.sweep = ml_collections.ConfigDict()
     c.sweep.learning_rates = ()  # e.g. (1e-3, 3e-3, 1e-2); empty: the optimizer's learning_rate
     c.sweep.weight_decays = ()  # e.g. (0.0, 1e-4); empty: the optimizer's weight_decay
@@ -302,6 +303,15 @@ def load_config_file(name_or_path: str) -> ml_collections.ConfigDict:
         line = err.lineno if isinstance(err, SyntaxError) else (frames[-1].lineno if frames else None)
         where = f"{file}, line {line}" if line else str(file)
         raise ValueError(f"config file {where}: {type(err).__name__}: {err}") from None
+
+
+def load_config(name_or_path: str, overrides: Iterable[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+    """A config file (or a shipped config by name) with the command line's `--config.<key>=<text>` overrides
+    applied, not yet resolved."""
+    config = load_config_file(name_or_path)
+    for key, text in overrides:
+        override(config, key, text)
+    return config
 
 
 def validate(c: ml_collections.ConfigDict) -> None:

@@ -84,7 +84,7 @@ def describe(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fxjax.cli.main import command_parser
+    from fxjax.cli.main import command_parser, input_error
 
     parser = command_parser("config", __doc__)
     actions = parser.add_subparsers(dest="action", required=True, metavar="<action>")
@@ -100,13 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = split_overrides(show, rest)
     try:
-        config = config_lib.load_config_file(args.config)
-        for key, value in overrides:
-            config_lib.override(config, key, value)
+        config = config_lib.load_config(args.config, overrides)
         config = config_lib.resolve(config)
     except (ValueError, OSError, AttributeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return input_error(err)
     print(f"# {config_lib.find_config(args.config)}: resolved, every key with its default and comment")
     print("\n".join(describe(config)))
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from fxjax.cli.main import command_parser
+from fxjax.cli.main import command_parser, print_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,13 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from fxjax.runs.export import export
 
-    try:
-        out = export(args.workdir, args.out, with_backbone=args.with_backbone)
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+    return print_result(lambda: export(args.workdir, args.out, with_backbone=args.with_backbone))
 
 
 if __name__ == "__main__":

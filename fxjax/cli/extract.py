@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from fxjax.cli.main import input_error
 from fxjax.cli.train import parse_args, start
 
 
@@ -24,15 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     from fxjax.runs.setup import Setup
 
     try:
-        config = config_lib.load_config_file(args.config)
-        for key, value in overrides:
-            config_lib.override(config, key, value)
+        config = config_lib.load_config(args.config, overrides)
         setup = Setup.from_config(config)
         config, data, backbone = setup.config, setup.data, setup.backbone  # the cheap data first
         feats, _, hits = setup.cached_features(rows="host")  # what a host reads: never gathers the split
     except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return input_error(err)
     if not primary:
         return 0
     root = store.as_path(store.cache_root(config.cache_dir))  # an epath: a gs:// root prints as its URI

@@ -13,6 +13,7 @@ import ast
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import fxjax
@@ -39,6 +40,22 @@ def command_parser(command: str, doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog=prog(command), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+
+
+def input_error(err: BaseException | str) -> int:
+    """Bad input: one `error:` line on stderr and exit status 2 (checked before anything was written)."""
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+def print_result(work: Callable[[], object]) -> int:
+    """Runs a command's work and prints what it returns (exit 0); bad input is `input_error` (exit 2)."""
+    try:
+        result = work()
+    except (OSError, ValueError) as err:
+        return input_error(err)
+    print(result)
+    return 0
 
 
 def summary(module: str) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fxjax.cli.main import command_parser
+from fxjax.cli.main import command_parser, input_error
 from fxjax.data.sources import DECODE_ERRORS, IMAGE_EXTENSIONS, decode_rgb
 
 
@@ -73,13 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     for i, why in errors.items():
         print(f"warning: skipped {paths[i]}: {why}", file=sys.stderr)
     if not images:
-        print(f"error: none of the {len(paths)} images could be read", file=sys.stderr)
-        return 2
+        return input_error(f"none of the {len(paths)} images could be read")
     try:
         classifier = load_classifier(args.classifier)
     except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return input_error(err)
     order = sorted(images)
     probs = classifier.predict([images[i] for i in order], batch_size=args.batch_size)
     row_of = {i: row for row, i in enumerate(order)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from fxjax.cli.main import command_parser
+from fxjax.cli.main import command_parser, print_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,16 +21,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out is for comparisons; a single run's report is written into its workdir")
     from fxjax.runs import report
 
-    try:
-        if len(args.workdirs) == 1:
-            page = report.write_report(args.workdirs[0])
-        else:
-            page = report.compare_runs(args.workdirs, args.out or "comparison")
-    except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(page)
-    return 0
+    if len(args.workdirs) == 1:
+        return print_result(lambda: report.write_report(args.workdirs[0]))
+    return print_result(lambda: report.compare_runs(args.workdirs, args.out or "comparison"))
 
 
 if __name__ == "__main__":

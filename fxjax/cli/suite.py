@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 
+from fxjax.cli.main import input_error
 from fxjax.cli.train import parse_args, start
 
 
@@ -43,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; rerun the same command to continue with the unfinished cells", file=sys.stderr)
         return 130
     except (ValueError, OSError, AttributeError, WorkdirBusyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return input_error(err)
     if primary:
         print(suite_lib.suite_markdown(summary).split("\n## ")[0].rstrip())
         print(f"{len(summary['cells'])} cells; workdir={args.workdir}")

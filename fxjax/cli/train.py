@@ -23,7 +23,7 @@ import logging
 import sys
 
 from fxjax.cli.config import split_overrides
-from fxjax.cli.main import command_parser
+from fxjax.cli.main import command_parser, input_error
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM with a checkpoint saved; rerun to resume
 
@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from fxjax.runs.rundir import WorkdirBusyError
 
     try:
-        config = config_lib.load_config_file(args.config)
-        for key, value in overrides:
-            config_lib.override(config, key, value)
+        config = config_lib.load_config(args.config, overrides)
         summary = experiment.run(config, args.workdir)
     except experiment.Preempted as err:
         print(str(err), file=sys.stderr)
@@ -93,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except (ValueError, OSError, AttributeError, WorkdirBusyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return input_error(err)
     if not primary:
         return 0
     speed = summary["images_per_second"]  # None when a resumed run had no step left to train

@@ -17,7 +17,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fxjax.cli.main import command_parser
+    from fxjax.cli.main import command_parser, input_error
 
     parser = command_parser("verify", __doc__)
     what = parser.add_mutually_exclusive_group(required=True)
@@ -33,13 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         folder, cache_dir = args.folder, args.cache_dir
         if args.config:
             from fxjax import config as config_lib
+            from fxjax.cli.config import split_overrides
 
-            config = config_lib.load_config_file(args.config)
-            for item in rest:
-                if not item.startswith("--config.") or "=" not in item:
-                    parser.error(f"unrecognised argument {item!r}; overrides look like --config.data.source=folder:/x")
-                config_lib.override(config, *item[len("--config.") :].split("=", 1))
-            config = config_lib.resolve(config)
+            config = config_lib.resolve(config_lib.load_config(args.config, split_overrides(parser, rest)))
             if not config.data.source.startswith("folder:"):
                 raise ValueError(f"config.data.source={config.data.source!r} is not a folder:<path> dataset")
             folder, cache_dir = config.data.source.removeprefix("folder:"), cache_dir or config.cache_dir
@@ -47,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognised arguments {rest}; --config.* overrides need --config")
         summary = verify_folder(folder, cache_dir=cache_dir, workers=args.workers)
     except (OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return input_error(err)
     print(json.dumps({**summary, "unreadable_count": len(summary["unreadable"])}, indent=1))
     return 0
 
