@@ -45,6 +45,13 @@ def vision_config(config):
     return getattr(config, "vision_config", None) or config
 
 
+def vision_prefix(config, full_type: str) -> tuple[bool, str]:
+    """(whether `config` is a full image-text checkpoint of `full_type`, the pattern its vision tower's tensor
+    names start with): `vision_model.` in a full checkpoint, optional in a vision-only one."""
+    full = config.model_type == full_type
+    return full, r"vision_model\." if full else r"(?:vision_model\.)?"
+
+
 def tower_rules(prefix: str) -> list[Rule]:
     """The embeddings, encoder and post-layernorm of a CLIP-style vision tower (CLIP and SigLIP naming)."""
     return [

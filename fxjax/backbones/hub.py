@@ -16,7 +16,6 @@ from flax import nnx
 from fxjax.backbones import checkpoints, families, formats
 from fxjax.backbones.backbone import Backbone
 from fxjax.backbones.checkpoints import open_clip
-from fxjax.backbones.convert import load_state
 from fxjax.data.preprocess import PreprocessSpec
 
 # Preferred first: safetensors (fast, safe), then HF Flax msgpack, then PyTorch pickles (restricted reader).
@@ -53,11 +52,10 @@ def _load_efficientnet_lite0(dtype, param_dtype, path: Path | None = None) -> Ba
 
     path = _efficientnet_lite0_file() if path is None else Path(path)
     config = efficientnet.VARIANTS["efficientnet-lite0"]
-    module = load_state(
+    module = formats.load_module(
         lambda: efficientnet.EfficientNet(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
-        formats.read_checkpoint(path),
+        path,
         efficientnet.conversion_rules(config),
-        source=str(path),
         param_dtype=param_dtype,
     )
     info = {
@@ -203,13 +201,8 @@ def load_folder(
     config = AutoConfig.from_pretrained(folder)
     family = families.family(config.model_type)
     weight_file = weight_files(folder)
-    module = load_state(
-        lambda: family.build(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
-        formats.read_checkpoint(weight_file),
-        family.conversion_rules(config),
-        source=str(weight_file),
-        param_dtype=param_dtype,
-    )
+    build = lambda: family.build(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))  # noqa: E731
+    module = formats.load_module(build, weight_file, family.conversion_rules(config), param_dtype=param_dtype)
     shards = _shards(weight_file)
     info = {
         "name": name or str(folder),

@@ -305,6 +305,7 @@ def _fewshot_logistic(
 
 _BOOTSTRAP = {"bootstrap": 1000, "bootstrap_seed": 0}
 _LOGISTIC = {"max_iter": 1000, "tol": 1e-6, "standardize": False, "select_metric": "top1"}
+_SHOTS = {"shots": (1, 5, 10, 25), "seeds": (0, 1, 2)}  # big_vision's common_fewshot.py
 
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
@@ -347,8 +348,7 @@ PROTOCOLS: dict[str, Protocol] = {
             "bigvision_fewshot",
             _bigvision_fewshot,
             {
-                "shots": (1, 5, 10, 25),
-                "seeds": (0, 1, 2),
+                **_SHOTS,
                 "l2_reg": 2.0**10,
                 "select": "fixed",
                 "l2_grid": tuple(2.0 ** np.arange(-10, 20)),
@@ -360,8 +360,7 @@ PROTOCOLS: dict[str, Protocol] = {
             "fewshot_logistic",
             _fewshot_logistic,
             {
-                "shots": (1, 5, 10, 25),
-                "seeds": (0, 1, 2),
+                **_SHOTS,
                 "C": 1.0,
                 "Cs": tuple(np.logspace(-4, 4, 9)),
                 "folds": 5,

@@ -20,7 +20,7 @@ from flax import nnx
 from fxjax.backbones import formats
 from fxjax.backbones.backbone import Backbone
 from fxjax.backbones.checkpoints import timm_archs, timm_cnn
-from fxjax.backbones.convert import Rule, load_state
+from fxjax.backbones.convert import Rule
 from fxjax.backbones.families import eva, timm_vit
 from fxjax.data.preprocess import PreprocessSpec
 
@@ -136,13 +136,7 @@ def load(path: Path, *, name: str, revision: str | None, dtype, param_dtype) -> 
 
     nnx.eval_shape(make)  # abstractly (no init), to learn the rules before loading
     file = weight_file(path)
-    module = load_state(
-        make,
-        formats.read_checkpoint(file),
-        rules,
-        source=str(file),
-        param_dtype=param_dtype,
-    )
+    module = formats.load_module(make, file, rules, param_dtype=param_dtype)
     info = {
         "name": name,
         "model_type": f"timm:{architecture}",

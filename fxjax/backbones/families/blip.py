@@ -12,7 +12,7 @@ import jax
 from flax import nnx
 
 from fxjax.backbones.convert import Rule
-from fxjax.backbones.hf_names import LAYER_NAMES, vision_config
+from fxjax.backbones.hf_names import LAYER_NAMES, vision_config, vision_prefix
 from fxjax.backbones.transformer import TransformerSpec, VisionTransformer, block_rules, norm_rules, patch_rules
 
 
@@ -31,8 +31,7 @@ def build(config, *, dtype, param_dtype, rngs: nnx.Rngs) -> BlipVision:
 
 
 def conversion_rules(config) -> list[Rule]:
-    full = config.model_type == "blip"
-    prefix = r"vision_model\." if full else r"(?:vision_model\.)?"
+    full, prefix = vision_prefix(config, "blip")
     names = {k: v for k, v in LAYER_NAMES.items() if not k.startswith(r"self_attn")}
     names |= {r"self_attn\.qkv": "attn.qkv", r"self_attn\.projection": "attn.out"}
     rules = [

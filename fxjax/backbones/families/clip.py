@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fxjax.backbones.convert import Rule
-from fxjax.backbones.hf_names import tower_rules, vision_config
+from fxjax.backbones.hf_names import tower_rules, vision_config, vision_prefix
 from fxjax.backbones.transformer import (
     TransformerSpec,
     VisionTransformer,
@@ -61,8 +61,7 @@ def build(config, *, dtype, param_dtype, rngs: nnx.Rngs) -> CLIPVision:
 
 
 def conversion_rules(config) -> list[Rule]:
-    full = config.model_type == "clip"
-    prefix = r"vision_model\." if full else r"(?:vision_model\.)?"
+    full, prefix = vision_prefix(config, "clip")
     rules = [*tower_rules(prefix), *norm_rules(rf"{prefix}pre_layrnorm", "embeddings.pre_norm")]
     if full:
         return rules + [

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fxjax.backbones.convert import Rule
-from fxjax.backbones.hf_names import attention_pool_rules, tower_rules, vision_config
+from fxjax.backbones.hf_names import attention_pool_rules, tower_rules, vision_config, vision_prefix
 from fxjax.backbones.transformer import PooledVisionTransformer, TransformerSpec
 
 
@@ -36,7 +36,6 @@ def build(config, *, dtype, param_dtype, rngs: nnx.Rngs) -> SiglipVision:
 
 
 def conversion_rules(config) -> list[Rule]:
-    full = config.model_type == "siglip"
-    prefix = r"vision_model\." if full else r"(?:vision_model\.)?"
+    full, prefix = vision_prefix(config, "siglip")
     rules = [*tower_rules(prefix), *attention_pool_rules(rf"{prefix}head", "head")]
     return rules + ([Rule(r"(?:text_model\..*|logit_scale|logit_bias)", None)] if full else [])

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from fxjax.backbones.convert import Rule
-from fxjax.backbones.hf_names import attention_pool_rules, tower_rules, vision_config
+from fxjax.backbones.hf_names import attention_pool_rules, tower_rules, vision_config, vision_prefix
 from fxjax.backbones.layers import dot_general
 from fxjax.backbones.transformer import PooledVisionTransformer, TransformerSpec, linear_rules
 
@@ -164,8 +164,7 @@ def build(config, *, dtype, param_dtype, rngs: nnx.Rngs) -> Siglip2Vision:
 
 
 def conversion_rules(config) -> list[Rule]:
-    full = config.model_type == "siglip2"
-    prefix = r"vision_model\." if full else r"(?:vision_model\.)?"
+    full, prefix = vision_prefix(config, "siglip2")
     rules = [
         # a linear layer on patchified pixels (before tower_rules, whose patch rule is the convolution's)
         *linear_rules(rf"{prefix}embeddings\.patch_embedding", "embeddings.patch_embed"),

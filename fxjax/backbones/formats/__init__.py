@@ -427,6 +427,14 @@ def _read_single(path: Path) -> dict[str, np.ndarray]:
     )
 
 
+def load_module(build: Callable, file: PathLike, rules, *, param_dtype) -> Any:
+    """The module `build()` makes (abstractly), filled with a weight file's tensors by `rules`
+    (`convert.load_state`, whose errors name the file)."""
+    from fxjax.backbones.convert import load_state
+
+    return load_state(build, read_checkpoint(file), rules, source=str(file), param_dtype=param_dtype)
+
+
 def read_checkpoint(path: PathLike) -> dict[str, np.ndarray]:
     """Read any supported checkpoint, picking the reader by file name; `*.index.json` reads all shards."""
     path = Path(path)
