@@ -54,7 +54,7 @@ class TextTower:
     @property
     def embed_dim(self) -> int:
         spec = self.module.spec
-        return spec.embed_dim or spec.dim
+        return spec.embed_dim or spec.trunk.dim
 
 
 def logit_info(tensors: dict) -> dict:

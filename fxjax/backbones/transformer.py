@@ -74,11 +74,12 @@ class TransformerSpec:
             depth=config.num_hidden_layers,
             heads=config.num_attention_heads,
             mlp_dim=getattr(config, "intermediate_size", None),
-            image_size=config.image_size,
-            patch_size=config.patch_size,
             act=config.hidden_act,
             eps=config.layer_norm_eps,
         )
+        for key in ("image_size", "patch_size"):  # text configs have neither: their towers pass them
+            if key not in overrides:
+                fields[key] = getattr(config, key)
         return cls(**{**fields, **overrides})
 
     @property

@@ -108,6 +108,21 @@ def _act(model_cfg: dict) -> str:
     return "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
 
 
+def _tower(cfg: dict, model_cfg: dict, width: int, heads: int, **fields) -> TransformerSpec:
+    """What open_clip's vision and text towers spell alike: their residual attention blocks."""
+    return TransformerSpec(
+        dim=width,
+        depth=cfg.get("layers", 12),
+        heads=heads,
+        mlp_dim=int(width * cfg.get("mlp_ratio", 4.0)),
+        act=_act(model_cfg),
+        eps=_eps(cfg),
+        fused_qkv=True,  # nn.MultiheadAttention: one [3d, d] in-projection
+        layer_scale=cfg.get("ls_init_value"),
+        **fields,
+    )
+
+
 def vision_spec(model_cfg: dict) -> TransformerSpec:
     if "multimodal_cfg" in model_cfg:
         raise ValueError("open_clip CoCa models (multimodal_cfg) are not supported")
@@ -118,21 +133,9 @@ def vision_spec(model_cfg: dict) -> TransformerSpec:
         if size[0] != size[1]:
             raise ValueError(f"open_clip vision_cfg.image_size {size}: only square images are supported")
         size = size[0]
-    return TransformerSpec(
-        dim=width,
-        depth=cfg.get("layers", 12),
-        heads=width // cfg.get("head_width", 64),
-        mlp_dim=int(width * cfg.get("mlp_ratio", 4.0)),
-        image_size=size,
-        patch_size=cfg.get("patch_size", 16),
-        act=_act(model_cfg),
-        eps=_eps(cfg),
-        fused_qkv=True,
-        layer_scale=cfg.get("ls_init_value"),
-        patch_bias=False,
-        pre_norm=True,
-        batch_dims=False,
-    )
+    heads = width // cfg.get("head_width", 64)
+    return _tower(cfg, model_cfg, width, heads, image_size=size, patch_size=cfg.get("patch_size", 16),
+                  patch_bias=False, pre_norm=True, batch_dims=False)  # fmt: skip
 
 
 def text_spec(model_cfg: dict) -> TextSpec:
@@ -141,21 +144,14 @@ def text_spec(model_cfg: dict) -> TextSpec:
     width = cfg.get("width", 512)
     projected = cfg.get("proj_type", "linear") != "none" and model_cfg.get("embed_dim")
     return TextSpec(
+        _tower(cfg, model_cfg, width, cfg.get("heads", 8), image_size=1, patch_size=1),  # no patches
         vocab_size=cfg.get("vocab_size", 49408),
         context_length=cfg.get("context_length", 77),
-        dim=width,
-        depth=cfg.get("layers", 12),
-        heads=cfg.get("heads", 8),
-        mlp_dim=int(width * cfg.get("mlp_ratio", 4.0)),
         embed_dim=model_cfg["embed_dim"] if projected else None,
-        act=_act(model_cfg),
-        eps=_eps(cfg),
         causal=not cfg.get("no_causal_mask", False),
         pool=cfg.get("pool_type", "argmax"),
         eos_id=cfg.get("eos_id", 2),
         proj_bias=cfg.get("proj_bias", False),
-        fused_qkv=True,
-        layer_scale=cfg.get("ls_init_value"),
     )
 
 
@@ -244,11 +240,10 @@ def load(path: Path, *, name: str, revision: str | None, dtype, param_dtype) -> 
     model_cfg = config["model_cfg"]
     spec = vision_spec(model_cfg)
     file = weight_file(path)
-    module = load_state(
+    module = formats.load_module(
         lambda: OpenCLIPVision(spec, model_cfg["embed_dim"], dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
-        formats.read_checkpoint(file),
+        file,
         vision_rules(),
-        source=str(file),
         param_dtype=param_dtype,
     )
     return Backbone(module, preprocess_spec(config, spec.image_size), _info(name, revision, file), dtype)

@@ -30,42 +30,20 @@ POOLS = ("argmax", "eos", "last", "first")
 
 @dataclass(frozen=True)
 class TextSpec:
+    trunk: TransformerSpec  # the blocks (no patches: its image fields are unused)
     vocab_size: int
     context_length: int
-    dim: int
-    depth: int
-    heads: int
-    mlp_dim: int
     embed_dim: int | None  # projection output; None: no projection (embedding = pooled)
-    act: str = "gelu"
-    eps: float = 1e-5
     causal: bool = True
     pool: str = "argmax"
     eos_id: int | None = None  # for pool="eos"
     proj_bias: bool = False  # SigLIP's head and open_clip's `proj_bias` are biased linears
-    fused_qkv: bool = False  # open_clip's nn.MultiheadAttention: one [3d, d] in-projection
-    layer_scale: float | None = None  # open_clip's `ls_init_value`
 
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
             raise ValueError(f"unsupported text pooling {self.pool!r}; supported: {', '.join(POOLS)}")
         if self.pool == "eos" and self.eos_id is None:
             raise ValueError("text pooling 'eos' needs eos_id: set the tokenizer's end-of-text id")
-
-    def trunk(self) -> TransformerSpec:
-        """The shared trunk's spec for the blocks (no patches: image fields unused)."""
-        return TransformerSpec(
-            dim=self.dim,
-            depth=self.depth,
-            heads=self.heads,
-            mlp_dim=self.mlp_dim,
-            image_size=1,
-            patch_size=1,
-            act=self.act,
-            eps=self.eps,
-            fused_qkv=self.fused_qkv,
-            layer_scale=self.layer_scale,
-        )
 
 
 def spec(config) -> TextSpec:
@@ -79,15 +57,10 @@ def spec(config) -> TextSpec:
     # HF CLIP: a legacy eos_token_id of 2 means "the largest id", the first eos token otherwise.
     pool = "last" if siglip else ("argmax" if text.eos_token_id == 2 else "eos")
     return TextSpec(
+        TransformerSpec.from_hf(text, image_size=1, patch_size=1),  # no patches
         vocab_size=text.vocab_size,
         context_length=text.max_position_embeddings,
-        dim=text.hidden_size,
-        depth=text.num_hidden_layers,
-        heads=text.num_attention_heads,
-        mlp_dim=text.intermediate_size,
         embed_dim=embed_dim,
-        act=text.hidden_act,
-        eps=text.layer_norm_eps,
         causal=not siglip,
         pool=pool,
         eos_id=None if pool != "eos" else text.eos_token_id,
@@ -122,15 +95,15 @@ class TextBlock(Block):
 class TextTransformer(nnx.Module):
     def __init__(self, spec: TextSpec, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        trunk = spec.trunk()
+        trunk = spec.trunk
         self.spec, self.dtype = spec, dtype
         init = nnx.initializers.normal(0.02)
-        self.token_embedding = nnx.Param(init(rngs.params(), (spec.vocab_size, spec.dim), param_dtype))
-        self.position = nnx.Param(init(rngs.params(), (spec.context_length, spec.dim), param_dtype))
-        self.blocks = nnx.List([TextBlock(trunk, spec.causal, **kw) for _ in range(spec.depth)])
+        self.token_embedding = nnx.Param(init(rngs.params(), (spec.vocab_size, trunk.dim), param_dtype))
+        self.position = nnx.Param(init(rngs.params(), (spec.context_length, trunk.dim), param_dtype))
+        self.blocks = nnx.List([TextBlock(trunk, spec.causal, **kw) for _ in range(trunk.depth)])
         self.norm = layer_norm(trunk, **kw)
         self.projection = (
-            nnx.Linear(spec.dim, spec.embed_dim, use_bias=spec.proj_bias, **kw) if spec.embed_dim else None
+            nnx.Linear(trunk.dim, spec.embed_dim, use_bias=spec.proj_bias, **kw) if spec.embed_dim else None
         )
 
     def pooled_index(self, ids: jax.Array) -> jax.Array:
