@@ -1,13 +1,24 @@
 /* Peak fp32 multiply-add throughput of this CPU: every core runs 12 independent chains of vector FMAs
    (enough to cover the FMA latency on two ports), with the widest vectors the compiler targets.
-   Built and run by bench/extract.py:  cc -O2 -march=native -pthread fma_peak.c -o fma_peak && ./fma_peak N */
+   Built and run by bench/machine.py (for bench/extract.py and bench/heads.py), which reads the one number it
+   prints, GFLOP/s over N threads:  cc -O2 -march=native -pthread fma_peak.c -o fma_peak && ./fma_peak N */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 
-typedef float vec __attribute__((vector_size(64)));  /* 16 floats: one AVX-512 register, two AVX2 ones */
+/* One vector register of the target: the asm barrier below keeps each chain in one register, so a vector
+   wider than the registers (16 floats on an AVX2 machine) is an impossible constraint. */
+#if defined(__AVX512F__)
+#define WIDTH 16
+#elif defined(__AVX__)
+#define WIDTH 8
+#else
+#define WIDTH 4
+#endif
+typedef float vec __attribute__((vector_size(4 * WIDTH)));
 #define ITERS 50000000L
+#define MAX_THREADS 256
 
 static double now(void) {
   struct timespec t;
@@ -37,13 +48,17 @@ static void *run(void *arg) {
 
 int main(int argc, char **argv) {
   int threads = argc > 1 ? atoi(argv[1]) : 1;
-  pthread_t tid[256];
+  if (threads < 1 || threads > MAX_THREADS) {
+    fprintf(stderr, "fma_peak: threads=%s must be 1 to %d\n", argv[1], MAX_THREADS);
+    return 2;
+  }
+  pthread_t tid[MAX_THREADS];
   double best = 0;
   for (int rep = 0; rep < 3; rep++) {
     double start = now();
     for (int t = 0; t < threads; t++) pthread_create(&tid[t], NULL, run, NULL);
     for (int t = 0; t < threads; t++) pthread_join(tid[t], NULL);
-    double flops = 2.0 * 16 * 12 * ITERS * threads / (now() - start);
+    double flops = 2.0 * WIDTH * 12 * ITERS * threads / (now() - start);
     if (flops > best) best = flops;
   }
   printf("%.1f\n", best / 1e9);

@@ -15,8 +15,10 @@ import io
 import sys
 import textwrap
 import tokenize
+from typing import Any
 
 import ml_collections
+import numpy as np
 
 from fxjax import config as config_lib
 
@@ -64,6 +66,27 @@ def key_comments() -> dict[str, str]:
     return docs
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars (in grids built with np.logspace) as Python numbers, so they print as the numbers they are."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def protocol_settings(config: ml_collections.ConfigDict) -> list[str]:
+    """Lines `protocol_overrides.<name>.<setting> = value  # default: ...` for every setting of every protocol in
+    config.protocols: its default from the protocol's own table, the override where one is given."""
+    from fxjax.evaluate import catalog
+
+    out = []
+    for name in config.protocols:
+        given = config.protocol_overrides[name].to_dict() if name in config.protocol_overrides else {}
+        for setting, default in catalog.protocol_defaults(name).items():
+            value = given.get(setting, default)
+            out.append(f"protocol_overrides.{name}.{setting} = {_plain(value)!r}  # default: {_plain(default)!r}")
+    return out
+
+
 def describe(config: ml_collections.ConfigDict) -> list[str]:
     """Lines `key = value  # default: ...; comment` for every key of a resolved config, groups headed by theirs."""
     defaults = config_lib.default_config()
@@ -78,6 +101,9 @@ def describe(config: ml_collections.ConfigDict) -> list[str]:
             default, value = default[part], value[part]
         if isinstance(default, ml_collections.ConfigDict):
             out += ["", f"# {key}" + (f": {comment}" if comment else "")]
+            if key == "protocol_overrides" and config.protocols:
+                out += protocol_settings(config)
+                previous = f"{key}."  # a blank line before the next top-level key, as after any group's keys
             continue
         out.append(f"{key} = {value!r}  # default: {default!r}" + (f"; {comment}" if comment else ""))
     return out

@@ -53,7 +53,7 @@ class Source(Protocol):
 class Dataset:
     """A dataset resolved into fixed train / val / test sources."""
 
-    name: str  # e.g. "digits", "tfds:cifar10:3.0.2", "folder:/path"
+    name: str  # e.g. "digits", "tfds:cifar10:3.0.2", "tfds:eurosat/rgb:2.0.0", "folder:/path"
     class_names: list[str]
     splits: dict[str, Source]  # always "train", "val", "test"
     fingerprint: dict[str, str]  # per split: sha256 of everything that defines its content
@@ -143,7 +143,7 @@ class TfdsSource:
     """
 
     def __init__(self, name: str, split: str, data_dir: str | None, length: int, label_key: str = "label"):
-        self.name = name  # "cifar10" or "cifar10:3.0.2"
+        self.name = name  # "cifar10", "cifar10:3.0.2" or "eurosat/rgb:2.0.0"
         self.split = split
         self.data_dir = data_dir
         self.label_key = label_key
@@ -618,6 +618,12 @@ def open_tfds_builder(full: str, data_dir: str | None) -> Any:
     return builder
 
 
+def pinned_tfds_name(info: Any) -> str:
+    """The exact "name[/config]:version" a TFDS `info` describes. The builder config must stay: without it TFDS
+    opens the default config, so "eurosat:2.0.0" reads eurosat/rgb even for a run of eurosat/all."""
+    return f"{info.full_name.rpartition('/')[0]}:{info.version}"  # full_name is "name[/config]/version"
+
+
 def _load_tfds(spec: str, data_dir: str | None, val_fraction: float, test_fraction: float, seed: int) -> _Resolved:
     name, _, version = spec.partition(":")
     full = f"{name}:{version}" if version else name
@@ -629,7 +635,7 @@ def _load_tfds(spec: str, data_dir: str | None, val_fraction: float, test_fracti
     if "train" not in available:
         raise ValueError(f"TFDS dataset {full!r} has no 'train' split (splits: {sorted(available)})")
 
-    pinned = f"{info.name}:{info.version}"  # resume and fingerprints refer to this exact version
+    pinned = pinned_tfds_name(info)  # resume and fingerprints refer to this exact config and version
 
     def source(split: str) -> tuple[TfdsSource, dict]:
         n = info.splits[split].num_examples

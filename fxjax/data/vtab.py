@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from fxjax.data.sources import Subset, TfdsSource, _Resolved, open_tfds_builder
+from fxjax.data.sources import Subset, TfdsSource, _Resolved, open_tfds_builder, pinned_tfds_name
 
 TRAIN_EXAMPLES = 800
 VAL_EXAMPLES = 200
@@ -131,7 +131,7 @@ def load_vtab(name: str, data_dir: str | None) -> _Resolved:
             f"TFDS dataset {info.full_name!r} (vtab:{name}) needs an 'image' feature and a ClassLabel "
             f"{task.label!r}, has {list(info.features)}"
         )
-    pinned = f"{task.tfds.partition(':')[0]}:{info.version}"  # keeps the config ("sun397/tfds") in the name
+    pinned = pinned_tfds_name(info)  # keeps the config ("sun397/tfds"), the default one included
 
     layout = (("train", task.train, TRAIN_EXAMPLES), ("val", task.val, VAL_EXAMPLES), ("test", task.test, None))
     splits, identity = {}, {}

@@ -200,27 +200,55 @@ def run_linear(
 ) -> ProtocolResult:
     """Runs dinov2_linear or vtab1k (a name in LINEAR_SPECS, or a spec) on feats {split: {variant: [n, d]}} and
     labels {split: [n]} (splits train, val, test). `batch_size` is the global batch (default: the spec's per-device
-    batch x the mesh's devices); it scales every learning rate, and is logged and stored in the result."""
+    batch x the mesh's devices, clipped to the training examples); it scales every learning rate, and is logged and
+    stored in the result."""
     if batch_size is not None:
         overrides = {**overrides, "batch_size": batch_size}
     spec, settings = _resolve(spec_name_or_spec, overrides)
     mesh = parallel.make_mesh() if mesh is None else mesh
     heads = spec.heads if isinstance(spec, VtabSpec) else spec
-    global_batch = int(settings["batch_size"] or heads.batch_size_per_device * mesh.devices.size)
+    _splits(feats, labels, ("train", "val", "test"))
+    # The heads first train on vtab1k's train800 (its final stage on 1000), on dinov2_linear's whole train split.
+    n_train = len(labels["train"]) if not isinstance(spec, VtabSpec) else min(len(labels["train"]), spec.train_examples)
+    global_batch, clipped_from = _global_batch(spec.name, heads, settings["batch_size"], n_train, mesh)
     steps = int(settings["steps"] or heads.steps)
     eval_batch = int(settings["eval_batch_size"] or global_batch)
     parallel.check_batch_size(eval_batch, mesh, f"{spec.name} eval_batch_size")
-    _splits(feats, labels, ("train", "val", "test"))
     rows = heads.heads(global_batch)
     log.info(
-        "%s: %d heads, global batch %d (learning rates x %d / %d), %d steps",
-        spec.name, len(rows), global_batch, global_batch, heads.reference_batch, steps,
+        "%s: %d heads, global batch %d (learning rates x %d / %d)%s, %d steps",
+        spec.name, len(rows), global_batch, global_batch, heads.reference_batch,
+        f", the default {clipped_from} clipped to the {n_train} training examples" if clipped_from else "", steps,
     )  # fmt: skip
     run = _vtab1k if isinstance(spec, VtabSpec) else _dinov2_linear
     result = run(spec, rows, feats, labels, num_classes, steps, global_batch, eval_batch, mesh, seed, settings)
     result.settings |= {"global_batch": global_batch, "steps": steps, "eval_batch_size": eval_batch}
+    if clipped_from:
+        result.settings["global_batch_clipped_from"] = clipped_from
     result.splits["global_batch"] = global_batch
     return result
+
+
+def _global_batch(name: str, heads: LinearEvalSpec, given: int | None, n_train: int, mesh) -> tuple[int, int | None]:
+    """The global batch and, where the default had to be clipped, that default. A batch_size given is checked
+    (it fits the training examples and divides over the devices) before any head trains. The default, the
+    spec's per-device batch x the devices, is clipped to the training examples rounded down to a multiple of the
+    devices: on 8 devices vtab1k's 128 x 8 = 1024 would exceed train800."""
+    devices = mesh.devices.size
+    if given is not None:
+        batch = int(given)
+        if batch > n_train:
+            raise ValueError(
+                f"{name}: global batch {batch} exceeds the {n_train} training examples; set a smaller batch_size "
+                "override"
+            )
+        parallel.check_batch_size(batch, mesh, f"{name} batch_size")
+        return batch, None
+    default = heads.batch_size_per_device * devices
+    batch = min(default, n_train // devices * devices)
+    if batch < 1:
+        raise ValueError(f"{name}: {n_train} training examples are fewer than the {devices} devices of the mesh")
+    return batch, default if batch < default else None
 
 
 def _row_table(rows: Sequence[dict[str, Any]], splits: Sequence[str]) -> list[dict[str, Any]]:

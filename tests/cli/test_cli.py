@@ -126,6 +126,21 @@ def test_config_show_prints_every_key_value_default_and_comment(capsys):
     assert "# sweep: Many linear heads at once" in "\n".join(lines)
 
 
+def test_config_show_lists_each_protocols_settings_with_default_and_override(capsys):
+    from fxjax.evaluate import catalog
+
+    args = ["--config.protocols=('dinov2_knn', 'vtab1k')", "--config.protocol_overrides.vtab1k.steps=300"]
+    assert cli.main(["config", "show", "quickstart", *args]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shown = {line.split(" = ")[0]: line for line in lines if line.startswith("protocol_overrides.")}
+    expected = [f"protocol_overrides.{n}.{k}" for n in ("dinov2_knn", "vtab1k") for k in catalog.protocol_defaults(n)]
+    assert list(shown) == expected  # every setting of each listed protocol, in the protocols' order
+    assert shown["protocol_overrides.vtab1k.steps"] == "protocol_overrides.vtab1k.steps = 300  # default: None"
+    assert shown["protocol_overrides.dinov2_knn.k"] == "protocol_overrides.dinov2_knn.k = 20  # default: 20"
+    header = lines.index(next(line for line in lines if line.startswith("# protocol_overrides")))
+    assert lines[header + 1].startswith("protocol_overrides.dinov2_knn.") and lines[header + len(shown) + 1] == ""
+
+
 def test_config_show_of_a_bad_override_is_one_line_and_exit_2(capsys):
     assert cli.main(["config", "show", "quickstart", "--config.num_epoch=3"]) == 2
     err = capsys.readouterr().err

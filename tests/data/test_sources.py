@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import json
 import os
 import pickle
 
@@ -257,12 +258,26 @@ class TinyShapesWithVal(TinyShapes, skip_registration=True):
     SIZES = {"train": 12, "validation": 6, "test": 3}
 
 
+class TwoBands(TinyShapes, skip_registration=True):
+    """Two builder configs of one dataset, as eurosat/rgb and eurosat/all: same name and version, other images."""
+
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="bright"), tfds.core.BuilderConfig(name="dark")]
+    SIZES = {"train": 24, "test": 8}
+
+    def _generate_examples(self, split, n):
+        value = 250 if self.builder_config.name == "bright" else 5
+        for i in range(n):
+            yield i, {"image": _png(np.full((16, 16, 3), value - i % 3, np.uint8)), "label": i % 3}
+
+
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tfds")
     tfds.disable_progress_bar()
     for builder in (TinyShapes, TinyShapesWithVal):
         builder(data_dir=str(root), file_format="array_record").download_and_prepare()
+    for config in ("dark", "bright"):  # dark first: the default config is the first listed, not the first built
+        TwoBands(config=config, data_dir=str(root), file_format="array_record").download_and_prepare()
     return str(root)
 
 
@@ -287,6 +302,57 @@ def test_tfds_own_validation_split_and_few_shot(tfds_dir):
     assert repr(ds.splits["val"]).startswith("TfdsSource('tiny_shapes_with_val:1.0.0', split='validation'")
     train = ds.splits["train"]
     assert sorted(int(train[i]["label"]) for i in range(len(train))) == [0, 0, 1, 1, 2, 2]
+
+
+def _bright(source) -> bool:
+    return bool(source[0]["image"][0, 0, 0] > 127)  # 250 - label in bright, 5 - label in dark
+
+
+def test_tfds_builder_config_is_pinned_and_read(tfds_dir):
+    dark = load_dataset("tfds:two_bands/dark", data_dir=tfds_dir)
+    bright = load_dataset("tfds:two_bands/bright:1.0.0", data_dir=tfds_dir)
+    default = load_dataset("tfds:two_bands", data_dir=tfds_dir)
+    assert (dark.name, bright.name, default.name) == (
+        "tfds:two_bands/dark:1.0.0",
+        "tfds:two_bands/bright:1.0.0",
+        "tfds:two_bands/bright:1.0.0",  # the default config, named: a later default can not change the run
+    )
+    for split in ("train", "val", "test"):  # every split, pickled to a worker too, reads its own config's images
+        assert not _bright(dark.splits[split]) and not _bright(pickle.loads(pickle.dumps(dark.splits[split])))
+        assert _bright(bright.splits[split])
+        assert dark.fingerprint[split] != bright.fingerprint[split]
+    assert default.fingerprint == bright.fingerprint
+    assert load_dataset(dark.name, data_dir=tfds_dir).fingerprint == dark.fingerprint  # the pinned name reloads it
+
+
+def test_a_run_records_its_tfds_config_and_refuses_the_other(tfds_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from fxjax import config as config_lib
+    from fxjax.runs import experiment
+
+    torch.manual_seed(0)
+    vit = transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16, patch_size=8
+    )
+    transformers.ViTModel(vit, add_pooling_layer=False).save_pretrained(tmp_path / "vit")
+
+    def config(source: str):
+        config = config_lib.load_config_file("configs/quickstart.py")
+        config.backbone, config.image_size, config.num_epochs, config.batch_size = str(tmp_path / "vit"), 16, 1, 8
+        config.cache_dir = str(tmp_path / "cache")
+        config.data.source, config.data.data_dir = source, tfds_dir
+        return config
+
+    dark = experiment.run(config("tfds:two_bands/dark"), tmp_path / "dark")
+    env = json.loads((tmp_path / "dark" / "environment.json").read_text())
+    assert env["dataset"] == dark["dataset"] == "tfds:two_bands/dark:1.0.0"
+    assert env["dataset_fingerprint"] == load_dataset("tfds:two_bands/dark:1.0.0", data_dir=tfds_dir).fingerprint
+    with pytest.raises(ValueError, match=r"data.source \('tfds:two_bands/dark' → 'tfds:two_bands/bright'\) changed"):
+        experiment.run(config("tfds:two_bands/bright"), tmp_path / "dark")
+    bright = experiment.run(config("tfds:two_bands/bright"), tmp_path / "bright")
+    assert bright["dataset"] == "tfds:two_bands/bright:1.0.0"
+    assert not any(bright["feature_cache_hits"].values())  # the dark run's cached features are not reused
 
 
 def test_tfds_missing_dataset_explains_how_to_prepare(tmp_path):

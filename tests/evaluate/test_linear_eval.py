@@ -222,3 +222,43 @@ def test_bad_settings_are_refused_naming_them():
         linear_eval.run_linear("dinov2_linear", feats, labels, CLASSES, batch_size=128, steps=1)
     with pytest.raises(ValueError, match="unknown protocol 'dinov3_linear'"):
         catalog.evaluate_protocol("dinov3_linear", feats, labels, CLASSES)
+
+
+def _vtab_splits():
+    """VTAB-1k's own sizes: train800 and val200 (the spec's defaults), a small test split."""
+    feats, labels = {}, {}
+    for split, n, seed in (("train", 800, 0), ("val", 200, 1), ("test", 48, 2)):
+        tokens, labels[split] = _tokens(n, seed)
+        feats[split] = _variants(tokens)
+    return feats, labels
+
+
+def test_vtab1k_default_batch_on_8_devices_is_clipped_to_train800_and_recorded():
+    feats, labels = _vtab_splits()
+    assert parallel.make_mesh().devices.size == 8  # the default, 128 per device x 8 = 1024, exceeds train800
+    result = catalog.evaluate_protocol("vtab1k", feats, labels, CLASSES, overrides={"steps": 2, "bootstrap": 2})
+    assert result.settings["global_batch"] == result.splits["global_batch"] == 800
+    assert result.settings["global_batch_clipped_from"] == 1024 and result.settings["eval_batch_size"] == 800
+    scaled = [base * 800 / 256 for base in DINOV2_LEARNING_RATES] * len(DINOV2_VARIANTS)
+    assert [r["learning_rate"] for r in result.rows] == pytest.approx(scaled)  # the batch trained on scales the lrs
+    sizes = {"train_examples": 84, "val_examples": 32}  # fewer than a multiple of 8: rounded down to 80
+    small = catalog.evaluate_protocol("vtab1k", feats, labels, CLASSES, overrides={"steps": 1, "bootstrap": 2, **sizes})
+    assert (small.settings["global_batch"], small.settings["global_batch_clipped_from"]) == (80, 1024)
+
+
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        (1024, r"^vtab1k: global batch 1024 exceeds the 800 training examples; set a smaller batch_size override$"),
+        (796, r"^vtab1k batch_size=796 must be divisible by the number of devices \(8\); use a multiple of 8, e\.g\."),
+    ],
+)
+def test_vtab1k_batch_size_that_does_not_fit_fails_before_any_head_trains(batch, message, monkeypatch):
+    feats, labels = _vtab_splits()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a head trained before the batch size was checked")
+
+    monkeypatch.setattr(linear_eval, "fit_heads", no_training)
+    with pytest.raises(ValueError, match=message):
+        linear_eval.run_linear("vtab1k", feats, labels, CLASSES, batch_size=batch, steps=1)

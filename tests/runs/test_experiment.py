@@ -11,6 +11,7 @@ from fxjax import config as config_lib
 from fxjax.cli import train as train_cli
 from fxjax.runs import experiment
 from fxjax.runs.checkpoint import Checkpoints
+from fxjax.runs.setup import Setup
 
 QUICKSTART = "configs/quickstart.py"
 
@@ -135,6 +136,7 @@ def jax_leaves(tree):
 def test_sweep_probes_and_fewshot_on_cached_features(tmp_path):
     config = small_config(
         **{
+            "cache_dir": str(tmp_path / "cache"),  # its own cache, filled here: no other test's run need come first
             "sweep.learning_rates": (1e-3, 1e-2),
             "sweep.weight_decays": (0.0, 1e-4),
             "probes": ("ridge", "logistic", "knn"),
@@ -142,11 +144,13 @@ def test_sweep_probes_and_fewshot_on_cached_features(tmp_path):
             "fewshot.seeds": (0, 1),
         }
     )
-    summary = experiment.run(config, tmp_path)
-    assert all(summary["feature_cache_hits"].values())  # the module's first run filled the cache
-    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    _, _, filled = Setup.from_config(config).cached_features(rows="host")  # what `fxjax extract` does
+    assert not any(filled.values())
+    summary = experiment.run(config, tmp_path / "run")
+    assert all(summary["feature_cache_hits"].values())
+    sweep = json.loads((tmp_path / "run" / "sweep.json").read_text())
     assert len(sweep["table"]) == 4 and summary["sweep"]["heads"] == 4
-    chosen = json.loads((tmp_path / "config.json").read_text())
+    chosen = json.loads((tmp_path / "run" / "config.json").read_text())
     assert chosen["sweep"]["learning_rates"] == [1e-3, 1e-2]
     # config.json records the winning head's hyperparameters, not the ones the run was started with.
     best = sweep["best"]
@@ -158,9 +162,9 @@ def test_sweep_probes_and_fewshot_on_cached_features(tmp_path):
     assert summary["test_accuracy"] == best["test_accuracy"]
     assert set(summary["probes"]) == {"ridge", "logistic", "knn"}
     assert summary["probes"]["logistic"]["test_accuracy"] > 0.5
-    rows = json.loads((tmp_path / "fewshot.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "run" / "fewshot.json").read_text())["rows"]
     assert [r["k"] for r in rows] == [1, 5] and rows[1]["mean_accuracy"] > rows[0]["mean_accuracy"] - 0.05
-    assert (tmp_path / "fewshot.md").read_text().startswith("| k per class")
+    assert (tmp_path / "run" / "fewshot.md").read_text().startswith("| k per class")
 
 
 def test_online_partial_freeze_trains(tmp_path):
