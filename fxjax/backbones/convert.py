@@ -7,7 +7,6 @@ transform). `load_state` builds the module abstractly, matches every tensor, che
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -113,42 +112,3 @@ def load_state(
             + "\n  ".join(problems)
         )
     return nnx.merge(graphdef, nnx.from_flat_state(values))
-
-
-# Arguments every timm model takes that do not change the inference maths: training-time rates, head size.
-TRAINING_ONLY_ARGS = frozenset(
-    {"num_classes", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
-     "drop_path_rate", "dynamic_img_size"}
-)  # fmt: skip
-
-
-def sort_args(
-    args: Mapping, cls: type, fixed: Mapping, ignored: set[str], square: tuple[str, ...] = ()
-) -> tuple[dict, list[str]]:
-    """A reference library's constructor arguments → (the ones the dataclass `cls` takes, problems): an argument
-    fixed to one value must have it, an ignored one (training-only, `TRAINING_ONLY_ARGS` included) is dropped, any
-    other is unknown. Sizes named in `square` may come as (height, width): equal ones become one number."""
-    fields, ignored = {f.name for f in dataclasses.fields(cls)}, TRAINING_ONLY_ARGS | ignored
-    known, problems = {}, []
-    for key, value in args.items():
-        if key in fields:
-            known[key] = value
-        elif key in fixed:
-            if value != fixed[key]:
-                problems.append(f"{key}={value!r}")
-        elif key not in ignored:
-            problems.append(f"{key}={value!r} (unknown)")
-    for key in square:
-        if isinstance(known.get(key), (list, tuple)):
-            if len(set(known[key])) != 1:
-                problems.append(f"{key}={known[key]!r} (not square)")
-            known[key] = known[key][0]
-    return known, problems
-
-
-def pool_problems(global_pool: str, class_token: bool, pools: Sequence[str]) -> list[str]:
-    """timm's `global_pool` checks shared by its transformer families."""
-    problems = [] if global_pool in pools else [f"global_pool={global_pool!r} (supported: {', '.join(pools)})"]
-    if global_pool == "token" and not class_token:
-        problems.append("global_pool='token' with class_token=False")
-    return problems

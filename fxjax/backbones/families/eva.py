@@ -20,8 +20,9 @@ import numpy as np
 from flax import nnx
 
 from fxjax.backbones.activations import ACTIVATIONS
-from fxjax.backbones.convert import Rule, pool_problems, sort_args
+from fxjax.backbones.convert import Rule
 from fxjax.backbones.layers import dot_general
+from fxjax.backbones.timm_args import TimmTransformerArgs, pool_problems, sort_args
 from fxjax.backbones.transformer import (
     Block,
     Mlp,
@@ -39,24 +40,14 @@ POOLS = ("token", "avg", "max", "avgmax")
 
 
 @dataclass(frozen=True)
-class EvaArgs:
-    """timm `Eva.__init__` arguments fxjax reads (names and defaults as timm's), plus the LayerNorm eps."""
+class EvaArgs(TimmTransformerArgs):
+    """timm `Eva.__init__` arguments fxjax reads beyond the shared ones (names and defaults as timm's)."""
 
-    img_size: int = 224
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    qkv_bias: bool = True
     qkv_fused: bool = True
-    mlp_ratio: float = 4.0
     swiglu_mlp: bool = False
     scale_mlp: bool = False
     scale_attn_inner: bool = False
-    init_values: float | None = None
-    class_token: bool = True
     num_reg_tokens: int = 0
-    no_embed_class: bool = False
     use_rot_pos_emb: bool = False
     rope_temperature: float = 10000.0
     rope_grid_offset: float = 0.0
@@ -66,8 +57,6 @@ class EvaArgs:
     use_post_transformer_norm: bool | None = None
     use_fc_norm: bool | None = None
     global_pool: str = "avg"
-    act_layer: str = "gelu"
-    norm_eps: float = 1e-6
 
     @property
     def fc_norm(self) -> bool:
@@ -82,22 +71,12 @@ class EvaArgs:
         return int(self.embed_dim * self.mlp_ratio)
 
     def spec(self) -> TransformerSpec:
-        prefix = int(self.class_token) + self.num_reg_tokens
         return TransformerSpec(
-            dim=self.embed_dim,
-            depth=self.depth,
-            heads=self.num_heads,
+            **self.trunk_fields(prefix_tokens=int(self.class_token) + self.num_reg_tokens),
             mlp_dim=self.hidden,
-            image_size=self.img_size,
-            patch_size=self.patch_size,
             act="silu" if self.swiglu_mlp else self.act_layer,
-            eps=self.norm_eps,
             gated_mlp=self.swiglu_mlp,
-            layer_scale=self.init_values,
-            cls_token=self.class_token,
             register_tokens=self.num_reg_tokens,
-            positioned_prefix=0 if self.no_embed_class else prefix,
-            antialias_positions=True,  # timm's resample_abs_pos_embed (other input sizes)
             patch_bias=not self.use_pre_transformer_norm,
             pre_norm=self.use_pre_transformer_norm,
             final_norm=self.post_norm,
@@ -110,7 +89,7 @@ _FIXED = {
     "attn_only_layer_scale": False, "use_abs_pos_emb": True, "rope_type": "cat", "rope_rotate_half": False,
     "rope_mrope_section": None, "use_post_norm": False, "dynamic_img_pad": False, "norm_layer": None,
 }  # fmt: skip
-# Head-only and training-time RoPE arguments (beside convert.TRAINING_ONLY_ARGS): no effect on the features.
+# Head-only and training-time RoPE arguments (beside timm_args.TRAINING_ONLY_ARGS): no effect on the features.
 _IGNORED = {"head_init_scale", "rope_shift_coords", "rope_jitter_coords", "rope_rescale_coords"}
 
 

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fxjax.backbones.activations import ACTIVATIONS
-from fxjax.backbones.convert import Rule, pool_problems, sort_args
+from fxjax.backbones.convert import Rule
 from fxjax.backbones.layers import dot_general
+from fxjax.backbones.timm_args import TimmTransformerArgs, pool_problems, sort_args
 from fxjax.backbones.transformer import (
     Mlp,
     TransformerSpec,
@@ -39,27 +40,15 @@ POOLS = ("token", "avg", "max", "avgmax", "map")
 
 
 @dataclass(frozen=True)
-class TimmViTArgs:
-    """timm `VisionTransformer.__init__` arguments (names and defaults as timm's), plus the LayerNorm eps
-    (timm's `norm_layer=partial(LayerNorm, eps=...)`) and the activation by name (`act_layer`)."""
+class TimmViTArgs(TimmTransformerArgs):
+    """timm `VisionTransformer.__init__` arguments fxjax reads beyond the shared ones (names and defaults as
+    timm's)."""
 
-    img_size: int = 224
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    init_values: float | None = None
-    class_token: bool = True
-    no_embed_class: bool = False
     reg_tokens: int = 0
     pre_norm: bool = False
     final_norm: bool = True
     fc_norm: bool | None = None
     global_pool: str = "token"
-    act_layer: str = "gelu"
-    norm_eps: float = 1e-6
     mlp_layer: str = "mlp"  # or "swiglu_packed" (timm's SwiGLUPacked: fc1 → [gate, up], act(gate) * up)
 
     @property
@@ -76,22 +65,13 @@ class TimmViTArgs:
 
     def spec(self) -> TransformerSpec:
         return TransformerSpec(
-            dim=self.embed_dim,
-            depth=self.depth,
-            heads=self.num_heads,
+            **self.trunk_fields(self.prefix_tokens),
             mlp_dim=int(self.embed_dim * self.mlp_ratio) // (2 if self.gated else 1),
-            image_size=self.img_size,
-            patch_size=self.patch_size,
             act=self.act_layer,
-            eps=self.norm_eps,
             qkv_bias=self.qkv_bias,
             fused_qkv=True,
             gated_mlp=self.gated,
-            layer_scale=self.init_values,
-            cls_token=self.class_token,
             register_tokens=self.reg_tokens,
-            positioned_prefix=0 if self.no_embed_class else self.prefix_tokens,
-            antialias_positions=True,  # timm's resample_abs_pos_embed (other input sizes)
             patch_bias=not self.pre_norm,
             pre_norm=self.pre_norm,
             final_norm=self.final_norm and not self.use_fc_norm,
@@ -104,7 +84,7 @@ _FIXED = {
     "pos_embed": "learn", "pool_include_prefix": False, "dynamic_img_pad": False, "embed_norm_layer": None,
     "block_fn": None, "attn_layer": None,
 }  # fmt: skip
-# Init and input-check arguments (beside convert.TRAINING_ONLY_ARGS): no effect on the inference maths.
+# Init and input-check arguments (beside timm_args.TRAINING_ONLY_ARGS): no effect on the inference maths.
 _IGNORED = {"weight_init", "fix_init", "strict_img_size", "class_token_init"}
 
 
