@@ -181,8 +181,9 @@ def resolve(user: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def override(
     config: ml_collections.ConfigDict, dotted: str, text: str, schema: ml_collections.ConfigDict | None = None
 ) -> None:
-    """Applies a command-line override `--config.a.b=text`, parsed as the type of the key's default in `schema`
-    (default: the run schema, `default_config()`)."""
+    """Applies a command-line override `--config.a.b=text`, parsed by ml_collections' `config_flags` as the type of
+    the key's default in `schema` (default: the run schema, `default_config()`). Keys are checked here first, so a
+    misspelled one is "did you mean"; `protocol_overrides` settings are Python literals, checked by `validate`."""
     keys = dotted.split(".")
     if schema is None and keys[0] in FREE_FORM:
         if len(keys) != 3:
@@ -207,7 +208,7 @@ def override(
             node, reference = node[key], reference[key]
     if isinstance(reference[keys[-1]], ml_collections.ConfigDict):
         raise ValueError(f"config.{dotted} is a group of keys; set one of them, e.g. config.{dotted}.<key>")
-    node[keys[-1]] = parse_value(text, reference.get_type(keys[-1]), dotted)
+    node[keys[-1]] = _parsed(schema if schema is not None else default_config(), dotted, text)
 
 
 def _literal(text: str):
@@ -221,34 +222,32 @@ def _literal(text: str):
     return tuple(value) if isinstance(value, list) else value
 
 
-def parse_value(text: str, expected: type, name: str):
-    """Command-line text → a value of `expected` (the default's type), or a one-line error naming the key."""
-    import ast
+def _parsed(schema: ml_collections.ConfigDict, dotted: str, text: str):
+    """`text` parsed as ml_collections' `config_flags` parses `--config.<dotted>=<text>` on an absl command line
+    (the type of the key's default in `schema`), or a one-line error naming the key. A tuple may also be given
+    as bare words, `ridge,knn`."""
+    import copy
 
-    def fail(what: str):
-        raise ValueError(f"config.{name}={text!r}: expected {what}")
+    from absl import flags
+    from ml_collections import config_flags
 
-    if expected is bool:
-        if text.lower() not in ("true", "false", "1", "0"):
-            fail("true or false")
-        return text.lower() in ("true", "1")
-    if expected is int:
-        try:
-            return int(text)
-        except ValueError:
-            fail("an integer")
-    if expected is float:
-        try:
-            return float(text)
-        except ValueError:
-            fail("a number")
-    if expected is tuple:
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):  # bare words: `ridge` or `ridge,knn`
-            return tuple(part.strip() for part in text.split(",") if part.strip())
-        return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-    return text
+    node = schema
+    for key in dotted.split(".")[:-1]:
+        node = node[key]
+    expected = node.get_type(dotted.split(".")[-1])
+    if expected is tuple and not isinstance(_literal(text), (int, float, tuple)):  # bare words: `ridge,knn`
+        text = repr(tuple(part.strip() for part in text.split(",") if part.strip()))
+    argv = ["fxjax", f"--config.{dotted}={text}"]
+    parsed = flags.FlagValues()  # private: no global absl state, so several commands can run in one process
+    config_flags.DEFINE_config_dict("config", copy.deepcopy(schema), flag_values=parsed, sys_argv=argv)
+    try:
+        parsed(argv)
+    except flags.IllegalFlagValueError:
+        raise ValueError(f"config.{dotted}={text!r}: expected {_TYPE_NAMES.get(expected, expected.__name__)}") from None
+    value = parsed["config"].value
+    for key in dotted.split("."):
+        value = value[key]
+    return value
 
 
 def shipped_dir() -> Path:

@@ -48,7 +48,9 @@ def read_options(per_host: int, num_threads: int | None = None) -> grain.ReadOpt
 
 def _use_default_absl_flags() -> None:
     """grain reads absl flags when it starts worker processes; outside `absl.app.run` nothing has parsed
-    them and that read raises UnparsedFlagAccessError, so declare "no command-line flags" (defaults)."""
+    them and that read raises UnparsedFlagAccessError, so declare "no command-line flags" (defaults). Needed
+    because fxjax is also a library (a notebook's loader), and because its CLI parses `--config.*` with
+    config_flags on a private FlagValues, leaving the global flags untouched."""
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
