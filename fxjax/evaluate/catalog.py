@@ -66,6 +66,15 @@ def check_overrides(name: str, overrides: Mapping[str, Any]) -> None:
             )
 
 
+def check_batches(config, train_examples: int, mesh) -> None:
+    """The linear protocols in `config.protocols` can train on a training split of `train_examples` over `mesh`
+    with their `batch_size` overrides: checked before anything is extracted."""
+    for name in config.protocols:
+        if name in LINEAR_SPECS:
+            overrides = config.protocol_overrides.get(name)
+            linear_eval.check_batch(name, overrides.to_dict() if overrides else {}, train_examples, mesh)
+
+
 def evaluate_protocol(
     name: str,
     feats: Mapping[str, Mapping[str, Any]],

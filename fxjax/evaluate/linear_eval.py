@@ -208,8 +208,7 @@ def run_linear(
     mesh = parallel.make_mesh() if mesh is None else mesh
     heads = spec.heads if isinstance(spec, VtabSpec) else spec
     _splits(feats, labels, ("train", "val", "test"))
-    # The heads first train on vtab1k's train800 (its final stage on 1000), on dinov2_linear's whole train split.
-    n_train = len(labels["train"]) if not isinstance(spec, VtabSpec) else min(len(labels["train"]), spec.train_examples)
+    n_train = _first_train_examples(spec, len(labels["train"]))
     global_batch, clipped_from = _global_batch(spec.name, heads, settings["batch_size"], n_train, mesh)
     steps = int(settings["steps"] or heads.steps)
     eval_batch = int(settings["eval_batch_size"] or global_batch)
@@ -227,6 +226,19 @@ def run_linear(
         result.settings["global_batch_clipped_from"] = clipped_from
     result.splits["global_batch"] = global_batch
     return result
+
+
+def check_batch(spec_name_or_spec, overrides: Mapping[str, Any], train_examples: int, mesh) -> None:
+    """Refuses, before anything is extracted, a `batch_size` override that `run_linear` would refuse on a
+    training split of `train_examples` over `mesh`."""
+    spec, settings = _resolve(spec_name_or_spec, dict(overrides))
+    heads = spec.heads if isinstance(spec, VtabSpec) else spec
+    _global_batch(spec.name, heads, settings["batch_size"], _first_train_examples(spec, train_examples), mesh)
+
+
+def _first_train_examples(spec: LinearEvalSpec | VtabSpec, train_examples: int) -> int:
+    """The heads first train on vtab1k's train800 (its final stage on 1000), on dinov2_linear's whole split."""
+    return min(train_examples, spec.train_examples) if isinstance(spec, VtabSpec) else train_examples
 
 
 def _global_batch(name: str, heads: LinearEvalSpec, given: int | None, n_train: int, mesh) -> tuple[int, int | None]:

@@ -161,6 +161,10 @@ class Setup:
         if len(data.splits["train"]) < c.batch_size:
             train = len(data.splits["train"])
             raise ValueError(f"config.batch_size={c.batch_size} is larger than the training split ({train})")
+        if c.protocols:
+            from fxjax.evaluate import catalog
+
+            catalog.check_batches(c, len(data.splits["train"]), self.mesh)
         if run.has(RunDir.CONFIG) and (run.checkpoints.exists() or run.has(RunDir.SUMMARY)):
             check_same_meaning(run, run.read(RunDir.CONFIG), c.to_dict())
         check_resumable(run, self.backbone, data)

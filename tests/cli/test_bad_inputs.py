@@ -57,6 +57,12 @@ CASES = [
     ("unknown probe", f"train {NEW} --config.probes=('ridge','lasso')", "lasso", True),
     ("negative few-shot k", f"train {NEW} --config.data.few_shot_k=-1", "few_shot_k", True),
     ("zero few-shot k in the protocol", f"train {NEW} --config.fewshot.ks=(0,5)", "fewshot.ks", True),
+    (
+        "linear protocol batch over the training split",
+        f"train {NEW} --config.protocols=dinov2_linear --config.protocol_overrides.dinov2_linear.batch_size=4096",
+        "batch_size",
+        True,
+    ),
     ("unknown dataset", f"train {NEW} --config.data.source=nowhere", "nowhere", True),
     ("missing folder dataset", f"train {NEW} --config.data.source=folder:{{S}}/absent", "absent", True),
     ("folder dataset is a file", f"train {NEW} --config.data.source=folder:{{S}}/file.txt", "is a file", True),
