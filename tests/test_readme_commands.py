@@ -34,14 +34,21 @@ SKIPPED = {
     r"launch/tpu_pod\.sh": "needs a Cloud TPU pod",
     r"^python -m launch\.train \.\.\. ": "a placeholder (`...`) for the arguments of a run, shown for its flags",
 }
-# The quickstart's 224 px features of 1,797 images take minutes on a loaded 2-core CPU; at 32 px, seconds. The
-# same override goes to every command of the quickstart config, so reruns on its workdirs see the same config.
-# The offline suite's pixels row (27,648 raw pixels per image through 45 logistic regressions) takes longer than
-# the rest of this test together: the suite runs its EfficientNet-Lite0 row, at 32 px.
+# The quickstart's 224 px features of 1,797 images take minutes on a loaded 2-core CPU; at 32 px, seconds; its 30
+# epochs (and the sweep's 6 heads x 30 epochs) become 2. The same override goes to every command of the quickstart
+# config, so reruns on its workdirs see the same config. The pixels baseline at the quickstart's 224 px holds
+# 150,528 raw pixels per image: at 32 px, 3,072. The offline suite's pixels row (27,648 raw pixels per image
+# through 45 logistic regressions) takes longer than the rest of this test together: the suite runs its
+# EfficientNet-Lite0 row, at 32 px, with 3 values of C and 13 of CLIP's λ (of 45 and 97), 30 iterations each.
+EPOCHS = "--config.num_epochs=2"
 CHEAPER = {
-    r"(--config (configs/quickstart\.py|quickstart))(?=\s|$)": r"\1 --config.image_size=32",
+    r"(--config (configs/quickstart\.py|quickstart))(?=\s|$)": rf"\1 --config.image_size=32 {EPOCHS}",
+    r"(--config configs/pixels_digits\.py)(?=\s|$)": rf"\1 --config.image_size=32 {EPOCHS}",
     r"(--config (configs/suites/offline\.py|offline))(?=\s|$)": (
         r"\1 --config.image_size=32 --config.backbones=efficientnet-lite0"
+        r" '--config.overrides.dinov2_logreg.c_powers=(-1.0,1.0,3)' --config.overrides.dinov2_logreg.max_iter=30"
+        r" '--config.overrides.clip_linear_probe.lambda_powers=(-4.0,2.0)'"
+        r" --config.overrides.clip_linear_probe.per_decade=2 --config.overrides.clip_linear_probe.max_iter=30"
     ),
 }
 

@@ -83,33 +83,43 @@ def reference(tmp_path_factory) -> dict:
     return {**result, "dir": root / "out" / "0"}
 
 
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory) -> Path:
+    """Two uninterrupted processes on one fresh shared cache → their outputs (a folder per process)."""
+    root = tmp_path_factory.mktemp("two_hosts")
+    _ok(_run([root / "cache"] * 2, root / "out"))
+    return root / "out"
+
+
 @pytest.mark.parametrize("layout", ["shared", "per_host"])
-def test_two_processes_equal_one(tmp_path, reference, layout):
-    caches = [tmp_path / "cache"] * 2 if layout == "shared" else [tmp_path / "cache0", tmp_path / "cache1"]
-    _ok(_run(caches, tmp_path / "out"))
+def test_two_processes_equal_one(tmp_path, reference, two_hosts, layout):
+    out = two_hosts  # one shared cache
+    if layout == "per_host":
+        caches, out = [tmp_path / "cache0", tmp_path / "cache1"], tmp_path / "out"
+        _ok(_run(caches, out))
     halves = []
     for i in range(2):
-        got = _read(tmp_path / "out" / str(i))
+        got = _read(out / str(i))
         for split in SPLITS:  # every host sees every row (batches are composed differently: float rounding)
             np.testing.assert_allclose(got[split], reference[split], rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(got[f"{split}-labels"], reference[f"{split}-labels"])
         halves.append(got["train-host"])
-    np.testing.assert_array_equal(np.concatenate(halves), _read(tmp_path / "out" / "0")["train"])  # own shard
+    np.testing.assert_array_equal(np.concatenate(halves), _read(out / "0")["train"])  # own shard
     assert len(halves[0]) == 101
     # head training: each host reads only rows of its own shard, and the global batches equal 1 process's
-    local = [np.load(tmp_path / "out" / str(i) / "train-batch-local-rows.npy") for i in range(2)]
+    local = [np.load(out / str(i) / "train-batch-local-rows.npy") for i in range(2)]
     assert all(((rows >= 0) & (rows < len(half))).all() for rows, half in zip(local, halves, strict=True))
-    rows = [rows + np.load(tmp_path / "out" / str(i) / "train-host-start.npy") for i, rows in enumerate(local)]
+    rows = [rows + np.load(out / str(i) / "train-host-start.npy") for i, rows in enumerate(local)]
     reference_rows = np.load(reference["dir"] / "train-batch-local-rows.npy")  # one host: local rows are global
     np.testing.assert_array_equal(np.concatenate(rows, axis=1), reference_rows)
-    batch_x = np.concatenate([np.load(tmp_path / "out" / str(i) / "train-batch-x.npy") for i in range(2)], axis=1)
+    batch_x = np.concatenate([np.load(out / str(i) / "train-batch-x.npy") for i in range(2)], axis=1)
     np.testing.assert_allclose(batch_x, np.load(reference["dir"] / "train-batch-x.npy"), rtol=1e-5, atol=1e-6)
     if layout == "per_host":  # each local disk holds its host's shard only, and a rerun on it hits
         assert [p.name for p in next((tmp_path / "cache1").iterdir()).iterdir() if p.is_dir()] == ["1of2"]
         _ok(_run(caches, tmp_path / "again"))
         again = _read(tmp_path / "again" / "1")
         assert again["hits"] == {"train": True, "test": True}
-        np.testing.assert_array_equal(again["train"], _read(tmp_path / "out" / "1")["train"])
+        np.testing.assert_array_equal(again["train"], _read(out / "1")["train"])
 
 
 # Kill points: the n-th cache file written (chunk files, done.json, manifest.json), before or after its rename.
@@ -142,7 +152,7 @@ def test_killed_extraction_resumes_bitwise(tmp_path, reference, kill_at, phase):
 _TWO_HOST_POINT = int(np.random.default_rng(23).integers(2, 11))
 
 
-def test_two_processes_killed_mid_extraction_resume_bitwise(tmp_path):
+def test_two_processes_killed_mid_extraction_resume_bitwise(tmp_path, two_hosts):
     caches = [tmp_path / "cache"] * 2  # one shared store
     procs = _spawn(caches, tmp_path / "killed", "--kill-at", str(_TWO_HOST_POINT))
     try:
@@ -159,9 +169,8 @@ def test_two_processes_killed_mid_extraction_resume_bitwise(tmp_path):
     (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert not (entry / "manifest.json").exists() and (entry / "0of2").is_dir()  # killed mid-extraction
     _ok(_run(caches, tmp_path / "rerun"))
-    _ok(_run([tmp_path / "fresh"] * 2, tmp_path / "uninterrupted"))
-    for i in range(2):
-        got, want = _read(tmp_path / "rerun" / str(i)), _read(tmp_path / "uninterrupted" / str(i))
+    for i in range(2):  # against two uninterrupted processes on a fresh shared cache
+        got, want = _read(tmp_path / "rerun" / str(i)), _read(two_hosts / str(i))
         for key in (*SPLITS, *(f"{s}-labels" for s in SPLITS), *(f"{s}-host" for s in SPLITS)):
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"host {i} {key}")
 

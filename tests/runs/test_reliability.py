@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tiny_run import tiny_config, tiny_run
 
 from fxjax.heads.engine import NonFiniteLossError
 from fxjax.runs import experiment, rundir
@@ -28,13 +30,12 @@ ARGS = [
 ]
 
 
-def _launch(workdir: Path) -> subprocess.Popen:
-    # A cache of its own per workdir, so a killed run really extracts (and can be killed while it does).
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-        "FXJAX_CACHE_DIR": str(workdir.parent / f"cache-{workdir.name}"),
-    }
+def _launch(workdir: Path, *, own_cache: bool = True) -> subprocess.Popen:
+    # A cache of its own per workdir, so a killed run really extracts (and can be killed while it does); runs
+    # signalled once training started share the session's cache instead (their extraction is not under test).
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    if own_cache:
+        env["FXJAX_CACHE_DIR"] = str(workdir.parent / f"cache-{workdir.name}")
     return subprocess.Popen(
         [sys.executable, "-m", "launch.train", *ARGS, "--workdir", str(workdir)],
         cwd=ROOT,
@@ -86,7 +87,7 @@ def test_sigkill_at_random_points_then_rerun_is_bitwise_identical(tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_cleanly(tmp_path, sig):
-    proc = _launch(tmp_path)
+    proc = _launch(tmp_path, own_cache=False)
     deadline = time.time() + 300
     while not (tmp_path / "metrics.jsonl").exists() or not (tmp_path / "metrics.jsonl").read_text():
         assert proc.poll() is None and time.time() < deadline, "the run ended before training started"
@@ -97,13 +98,15 @@ def test_sigterm_and_ctrl_c_save_the_current_step_and_exit_cleanly(tmp_path, sig
     assert "preempted at step" in stderr and "Traceback" not in stderr
     steps = Checkpoints(tmp_path / "checkpoints").manager.all_steps()
     assert steps, "no checkpoint was saved on SIGTERM"
-    assert _launch(tmp_path).wait(timeout=600) == 0
+    assert _launch(tmp_path, own_cache=False).wait(timeout=600) == 0
 
 
 @pytest.fixture()
-def finished(tmp_path):
-    summary = experiment.run(small_config(), tmp_path)
-    return tmp_path, summary
+def finished(tmp_path, tmp_path_factory):
+    """A copy of the session's finished tiny run (tests/runs/tiny_run.py), for a test to damage."""
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_run(tmp_path_factory), workdir)
+    return workdir, json.loads((workdir / "summary.json").read_text())
 
 
 def test_damaged_latest_checkpoint_is_reported_skipped_and_the_previous_restored(finished, caplog):
@@ -112,11 +115,11 @@ def test_damaged_latest_checkpoint_is_reported_skipped_and_the_previous_restored
     for f in (workdir / "checkpoints" / str(latest) / "params").rglob("*"):
         if f.is_file() and f.stat().st_size > 0:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated mid-file
-    again = experiment.run(small_config(), workdir)
+    again = experiment.run(tiny_config(), workdir)
     assert "is damaged" in caplog.text
     assert (workdir / "checkpoints" / f"damaged-{latest}").exists()
     assert again["total_steps"] == summary["total_steps"]
-    experiment.run(small_config(), workdir)  # no crash loop: the damaged one is never tried again
+    experiment.run(tiny_config(), workdir)  # no crash loop: the damaged one is never tried again
 
 
 def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
@@ -146,7 +149,7 @@ def test_resuming_with_another_class_count_is_refused(finished):
     env["class_names"] = ["cat", "dog"]
     (workdir / "environment.json").write_text(json.dumps(env))
     with pytest.raises(ValueError, match="holds a run with 2 classes; this config has 10"):
-        experiment.run(small_config(), workdir)
+        experiment.run(tiny_config(), workdir)
 
 
 def test_disk_full_while_saving_is_one_clear_error_and_the_run_resumes(tmp_path, monkeypatch):
