@@ -195,7 +195,8 @@ def override(
             group[keys[1]] = ml_collections.ConfigDict()
         group[keys[1]][keys[2]] = _literal(text)
         return
-    node, reference = config, default_config() if schema is None else schema
+    root = default_config() if schema is None else schema
+    node, reference = config, root
     for i, key in enumerate(keys):
         if not isinstance(reference, ml_collections.ConfigDict) or key not in reference:
             choices = list(reference.keys()) if isinstance(reference, ml_collections.ConfigDict) else []
@@ -208,7 +209,7 @@ def override(
             node, reference = node[key], reference[key]
     if isinstance(reference[keys[-1]], ml_collections.ConfigDict):
         raise ValueError(f"config.{dotted} is a group of keys; set one of them, e.g. config.{dotted}.<key>")
-    node[keys[-1]] = _parsed(schema if schema is not None else default_config(), dotted, text)
+    node[keys[-1]] = _parsed(root, dotted, text, reference.get_type(keys[-1]))
 
 
 def _literal(text: str):
@@ -222,22 +223,19 @@ def _literal(text: str):
     return tuple(value) if isinstance(value, list) else value
 
 
-def _parsed(schema: ml_collections.ConfigDict, dotted: str, text: str):
+def _parsed(schema: ml_collections.ConfigDict, dotted: str, text: str, expected: type):
     """`text` parsed as ml_collections' `config_flags` parses `--config.<dotted>=<text>` on an absl command line
-    (the type of the key's default in `schema`), or a one-line error naming the key. A tuple may also be given
-    as bare words, `ridge,knn`."""
+    (`expected`, the type of the key's default in `schema`), or a one-line error naming the key. A tuple may also
+    be given as bare words, `ridge,knn`."""
     import copy
 
     from absl import flags
     from ml_collections import config_flags
 
-    node = schema
-    for key in dotted.split(".")[:-1]:
-        node = node[key]
-    expected = node.get_type(dotted.split(".")[-1])
+    given = text
     if expected is tuple and not isinstance(_literal(text), (int, float, tuple)):  # bare words: `ridge,knn`
-        text = repr(tuple(part.strip() for part in text.split(",") if part.strip()))
-    argv = ["fxjax", f"--config.{dotted}={text}"]
+        given = repr(tuple(part.strip() for part in text.split(",") if part.strip()))
+    argv = ["fxjax", f"--config.{dotted}={given}"]
     parsed = flags.FlagValues()  # private: no global absl state, so several commands can run in one process
     config_flags.DEFINE_config_dict("config", copy.deepcopy(schema), flag_values=parsed, sys_argv=argv)
     try:

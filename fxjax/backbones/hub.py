@@ -201,8 +201,12 @@ def load_folder(
     config = AutoConfig.from_pretrained(folder)
     family = families.family(config.model_type)
     weight_file = weight_files(folder)
-    build = lambda: family.build(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))  # noqa: E731
-    module = formats.load_module(build, weight_file, family.conversion_rules(config), param_dtype=param_dtype)
+    module = formats.load_module(
+        lambda: family.build(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+        weight_file,
+        family.conversion_rules(config),
+        param_dtype=param_dtype,
+    )
     shards = _shards(weight_file)
     info = {
         "name": name or str(folder),

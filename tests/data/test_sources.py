@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from fxjax.data.sources import load_dataset, read_idx
+from tests.support.encoded import png_bytes
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
@@ -224,12 +225,6 @@ def test_folder_split_layout(tmp_path):
 # ---------------------------------------------------------------------------------------------------- TFDS
 
 
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 class TinyShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """A real array_record TFDS dataset, prepared without TensorFlow (images handed over already encoded)."""
 
@@ -251,7 +246,7 @@ class TinyShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, split, n):
         rng = np.random.default_rng(len(split))
         for i in range(n):
-            yield i, {"image": _png(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)), "label": i % 3}
+            yield i, {"image": png_bytes(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)), "label": i % 3}
 
 
 class TinyShapesWithVal(TinyShapes, skip_registration=True):
@@ -267,7 +262,7 @@ class TwoBands(TinyShapes, skip_registration=True):
     def _generate_examples(self, split, n):
         value = 250 if self.builder_config.name == "bright" else 5
         for i in range(n):
-            yield i, {"image": _png(np.full((16, 16, 3), value - i % 3, np.uint8)), "label": i % 3}
+            yield i, {"image": png_bytes(np.full((16, 16, 3), value - i % 3, np.uint8)), "label": i % 3}
 
 
 @pytest.fixture(scope="module")

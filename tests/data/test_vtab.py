@@ -1,22 +1,15 @@
 """`vtab:<task>`: a task's prepared TFDS dataset read with VTAB-1k's train800 / val200 / test splits."""
 
-import io
 import pickle
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
 
 from fxjax.data import vtab
 from fxjax.data.sources import load_dataset
 from fxjax.runs.suite import resolve_suite
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.support.encoded import png_bytes
 
 
 class TinyNorb(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -43,7 +36,7 @@ class TinyNorb(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for i in range(offset, offset + n):
             image = np.zeros((4, 4, 3), np.uint8)
             image[0, 0] = (i // 256, i % 256, 7)
-            yield i, {"image": _png(image), "label_azimuth": i % 3, "label_elevation": i % 2}
+            yield i, {"image": png_bytes(image), "label_azimuth": i % 3, "label_elevation": i % 2}
 
 
 def _ids(source) -> list[int]:
